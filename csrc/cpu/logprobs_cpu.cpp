@@ -1,0 +1,251 @@
+// Native CPU implementation of the fused log-prob ops.
+//
+// Forward: one read pass over each row of logits. The row is walked in chunks
+// that stay in L1: the chunk is converted to the accumulation type and
+// transformed (soft cap, temperature) once, then reduced to (max, sum-exp and,
+// on request, the statistics' sums), and merged into the running state with
+// the shared online log-sum-exp merge. Reference logits, when given, are
+// folded in the same parallel loop.
+// Backward: one read + one write pass per row, optionally in place.
+//
+// Parallel over rows. Each row is reduced by one thread in a fixed order, so
+// results are bitwise identical across runs and thread counts. Rows whose
+// label is ignore_index are skipped entirely (their outputs are 0), and the
+// remaining rows are balanced across threads.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "fastdpo/checks.h"
+#include "fastdpo/math.h"
+
+namespace fastdpo {
+namespace {
+
+// Elements per chunk: the transformed chunk (4 KiB in fp32) stays in L1.
+constexpr int64_t kChunk = 1024;
+
+template <typename acc_t>
+struct RowResult {
+  acc_t lse;
+  acc_t z_label;
+  acc_t stats[kNumStats];
+};
+
+// Reduce one row. `label` is in [0, V). With kStats, also the entropy, the
+// argmax hit, the mean soft-capped logit and log sum p^2.
+template <bool kStats, typename scalar_t, typename acc_t>
+RowResult<acc_t> reduce_row(const scalar_t* __restrict__ x, int64_t V, int64_t label, const Transform& tf) {
+  alignas(64) acc_t buf[kChunk];
+  OnlineLSE<acc_t> st = lse_identity<acc_t>();
+  const acc_t z_label = transform_logit(static_cast<acc_t>(x[label]), tf);
+  const acc_t inv_t = acc_t(tf.inv_temperature);
+  int nan_seen = 0;
+  double sum_capped = 0;          // mean logit: chunk sums in acc_t, row sum in double
+  int64_t above = 0, tie_before = 0;  // argmax hit <=> nothing above z_label, no equal one before it
+
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, V - c0);
+    const scalar_t* xc = x + c0;
+    acc_t m = -INFINITY;
+    acc_t csum = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan_seen) reduction(+ : csum)
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t xv = static_cast<acc_t>(xc[i]);
+      acc_t s, ds;
+      softcap_fwd(xv, tf, s, ds);
+      const acc_t z = s * inv_t;
+      buf[i] = z;
+      nan_seen |= (xv != xv);
+      m = z > m ? z : m;
+      if (kStats) csum += s;
+    }
+    if (kStats) sum_capped += csum;
+    if (m == -INFINITY) continue;  // all masked: contributes nothing to the log-sum-exp
+    acc_t cs = 0, csz = 0, cs2 = 0;
+    if (kStats) {
+      int64_t c_above = 0, c_tie = 0;
+      const int64_t tie_end = label - c0;  // indices i < tie_end are before the label
+#pragma omp simd reduction(+ : cs, csz, cs2, c_above, c_tie)
+      for (int64_t i = 0; i < n; ++i) {
+        const acc_t d = buf[i] - m;
+        const acc_t e = exp_nonpos(d);
+        cs += e;
+        csz += e > acc_t(0) ? e * d : acc_t(0);  // 0 * -inf for masked entries counts as 0
+        cs2 += e * e;
+        c_above += buf[i] > z_label;
+        c_tie += (buf[i] == z_label) & (i < tie_end);
+      }
+      above += c_above;
+      tie_before += c_tie;
+    } else {
+#pragma omp simd reduction(+ : cs)
+      for (int64_t i = 0; i < n; ++i) cs += exp_nonpos(buf[i] - m);
+    }
+    OnlineLSE<acc_t> chunk{m, cs, csz, cs2};
+    st = lse_merge(st, chunk);
+  }
+
+  RowResult<acc_t> r;
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  r.lse = nan_seen ? nan : lse_value(st);
+  r.z_label = z_label;
+  if (kStats) {
+    r.stats[kStatEntropy] = nan_seen ? nan : lse_entropy(st);
+    r.stats[kStatArgmaxHit] = nan_seen ? nan : acc_t(above == 0 && tie_before == 0);
+    r.stats[kStatMeanLogit] = nan_seen ? nan : acc_t(sum_capped / double(V));
+    r.stats[kStatLogSumP2] = nan_seen ? nan : lse_log_sum_p2(st);
+  }
+  return r;
+}
+
+// Indices of rows whose label is not ignore_index; throws on labels out of range.
+std::vector<int64_t> active_rows(const at::Tensor& labels, int64_t V, int64_t ignore_index) {
+  const at::Tensor lab = labels.contiguous();
+  const int64_t* y = lab.data_ptr<int64_t>();
+  const int64_t n = lab.numel();
+  std::vector<int64_t> rows;
+  rows.reserve(n);
+  for (int64_t i = 0; i < n; ++i) {
+    if (y[i] == ignore_index) continue;
+    TORCH_CHECK(y[i] >= 0 && y[i] < V, "fastdpo: label ", y[i], " at flat position ", i,
+                " is out of range: labels must be in [0, ", V, ") or equal ignore_index (", ignore_index, ")");
+    rows.push_back(i);
+  }
+  return rows;
+}
+
+inline int64_t row_offset(const at::Tensor& t, int64_t r, int64_t T) {
+  return (r / T) * t.stride(0) + (r % T) * t.stride(1);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
+    const at::Tensor& logits, const at::Tensor& labels, const c10::optional<at::Tensor>& ref_logits,
+    int64_t ignore_index, double temperature, double softcap, bool stats) {
+  check_fwd(logits, labels, ref_logits, temperature, softcap);
+  const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
+  const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto opts = logits.options().dtype(acc_type);
+  at::Tensor logp = at::zeros({B, T}, opts);
+  at::Tensor lse = at::zeros({B, T}, opts);
+  at::Tensor ref_logp = ref_logits.has_value() ? at::zeros({B, T}, opts) : at::empty({0}, opts);
+  at::Tensor st = stats ? at::zeros({B, T, kNumStats}, opts) : at::empty({0}, opts);
+  if (B * T == 0) return {logp, lse, ref_logp, st};
+
+  const std::vector<int64_t> rows = active_rows(labels, V, ignore_index);
+  const at::Tensor lab = labels.contiguous();
+  const Transform tf = make_transform(float(temperature), float(softcap));
+  const bool has_ref = ref_logits.has_value();
+  const at::Tensor ref = has_ref ? *ref_logits : logits;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "fastdpo_logprobs_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = logits.const_data_ptr<scalar_t>();
+    const scalar_t* rp = ref.const_data_ptr<scalar_t>();
+    const int64_t* y = lab.const_data_ptr<int64_t>();
+    acc_t* logp_p = logp.mutable_data_ptr<acc_t>();
+    acc_t* lse_p = lse.mutable_data_ptr<acc_t>();
+    acc_t* ref_p = has_ref ? ref_logp.mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* st_p = stats ? st.mutable_data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, int64_t(rows.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t r = rows[k];
+        const scalar_t* xr = xp + row_offset(logits, r, T);
+        if (stats) {
+          const auto res = reduce_row<true, scalar_t, acc_t>(xr, V, y[r], tf);
+          lse_p[r] = res.lse;
+          logp_p[r] = res.z_label - res.lse;
+          for (int j = 0; j < kNumStats; ++j) st_p[r * kNumStats + j] = res.stats[j];
+        } else {
+          const auto res = reduce_row<false, scalar_t, acc_t>(xr, V, y[r], tf);
+          lse_p[r] = res.lse;
+          logp_p[r] = res.z_label - res.lse;
+        }
+        if (has_ref) {
+          const auto rr = reduce_row<false, scalar_t, acc_t>(rp + row_offset(ref, r, T), V, y[r], tf);
+          ref_p[r] = rr.z_label - rr.lse;
+        }
+      }
+    });
+  });
+  return {logp, lse, ref_logp, st};
+}
+
+// One row of the gradient; `out` may alias `x` (see logprobs_bwd_into).
+template <typename scalar_t, typename acc_t>
+void grad_row(const scalar_t* x, scalar_t* out, int64_t V, int64_t label, acc_t g, acc_t lse, const Transform& tf) {
+  const acc_t g_label = logprob_grad(g, static_cast<acc_t>(x[label]), lse, true, tf);
+#pragma omp simd
+  for (int64_t i = 0; i < V; ++i) {
+    out[i] = static_cast<scalar_t>(logprob_grad(g, static_cast<acc_t>(x[i]), lse, false, tf));
+  }
+  out[label] = static_cast<scalar_t>(g_label);
+}
+
+// grad_x[r, :] = g_r * (onehot(y_r) - softmax(z_r)) * dz/dx, written into `out`
+// (which may be `logits` itself: each element is read before it is written,
+// and the label's entry is computed before the row is overwritten).
+void logprobs_bwd_into(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
+                       const at::Tensor& lse, int64_t ignore_index, double temperature, double softcap,
+                       const at::Tensor& out) {
+  const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
+  if (B * T == 0) return;
+  const at::Tensor lab = labels.contiguous();
+  // Labels were validated in forward; check again here since the op is public.
+  (void)active_rows(lab, V, ignore_index);
+  const at::Tensor g = grad_logp.contiguous();
+  const at::Tensor l = lse.contiguous();
+  const Transform tf = make_transform(float(temperature), float(softcap));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "fastdpo_logprobs_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = logits.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const int64_t* y = lab.const_data_ptr<int64_t>();
+    const acc_t* gp = g.const_data_ptr<acc_t>();
+    const acc_t* lp = l.const_data_ptr<acc_t>();
+    at::parallel_for(0, B * T, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* xr = xp + row_offset(logits, r, T);
+        scalar_t* orow = op + row_offset(out, r, T);
+        const acc_t gr = gp[r];
+        if (y[r] == ignore_index || gr == acc_t(0)) {
+          std::fill(orow, orow + V, scalar_t(0));
+          continue;
+        }
+        grad_row(xr, orow, V, y[r], gr, lp[r], tf);
+      }
+    });
+  });
+}
+
+at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
+                            const at::Tensor& lse, int64_t ignore_index, double temperature, double softcap) {
+  check_bwd(grad_logp, logits, labels, lse, temperature, softcap);
+  at::Tensor out = at::empty(logits.sizes(), logits.options());
+  logprobs_bwd_into(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, out);
+  return out;
+}
+
+void logprobs_bwd_inplace_cpu(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
+                              const at::Tensor& lse, int64_t ignore_index, double temperature, double softcap) {
+  check_bwd(grad_logp, logits, labels, lse, temperature, softcap);
+  TORCH_CHECK(!logits.is_inference() || c10::InferenceMode::is_enabled(),
+              "fastdpo: in-place backward needs writable logits");
+  logprobs_bwd_into(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, logits);
+}
+
+}  // namespace
+}  // namespace fastdpo
+
+TORCH_LIBRARY_IMPL(fastdpo, CPU, m) {
+  m.impl("logprobs_fwd", &fastdpo::logprobs_fwd_cpu);
+  m.impl("logprobs_bwd", &fastdpo::logprobs_bwd_cpu);
+  m.impl("logprobs_bwd_", &fastdpo::logprobs_bwd_inplace_cpu);
+}

@@ -1,0 +1,183 @@
+// Shared arithmetic of the fused log-prob kernels.
+//
+// Every backend compiled from csrc/ (the vectorised CPU kernels and the CUDA
+// kernels) includes this header, so the math the CPU tests exercise is the
+// math compiled for the GPU. Functions are branch-free where possible so the
+// CPU compiler can vectorise the loops that call them.
+//
+// Notation (per vocabulary entry v of one token row):
+//   x_v              input logit
+//   s(x) = c*tanh(x/c)   Gemma-style soft cap (identity when c == 0)
+//   z_v = s(x_v) / T     what the log-softmax sees (T = temperature)
+//   lse = log sum_v exp(z_v)
+//   logp(y) = z_y - lse
+//   d logp(y) / d x_v = (1[v == y] - p_v) * dz_v/dx_v,
+//   dz/dx = (1 - tanh^2(x/c)) / T     (1/T without soft cap)
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FASTDPO_HD __host__ __device__ __forceinline__
+#else
+#define FASTDPO_HD inline __attribute__((always_inline))
+#endif
+
+namespace fastdpo {
+
+// Columns of the per-token statistics tensor [..., kNumStats].
+enum StatIndex : int {
+  kStatEntropy = 0,    // -sum_v p_v log p_v
+  kStatArgmaxHit = 1,  // 1.0 if the label is the (first) argmax of z, else 0.0
+  kStatMeanLogit = 2,  // mean_v s(x_v): the model's logits after soft cap, before temperature
+  kStatLogSumP2 = 3,   // log sum_v p_v^2 (WPO weighting)
+  kNumStats = 4,
+};
+
+// Bits of the `stats` request mask; the same bit positions as StatIndex.
+enum StatBit : int {
+  kWantEntropy = 1 << kStatEntropy,
+  kWantArgmax = 1 << kStatArgmaxHit,
+  kWantMeanLogit = 1 << kStatMeanLogit,
+  kWantLogSumP2 = 1 << kStatLogSumP2,
+};
+
+// Parameters of the logit transform; softcap == 0 means "no soft cap".
+struct Transform {
+  float inv_temperature;
+  float softcap;
+  float inv_softcap;
+};
+
+FASTDPO_HD Transform make_transform(float temperature, float softcap) {
+  Transform t;
+  t.inv_temperature = 1.0f / temperature;
+  t.softcap = softcap;
+  t.inv_softcap = softcap > 0.0f ? 1.0f / softcap : 0.0f;
+  return t;
+}
+
+// exp for the arguments these kernels feed it: z - max and z - lse, so
+// x <= ~0, -inf (masked vocabulary) and NaN (propagated). Float uses a
+// branch-free Cody-Waite reduction + degree-6 polynomial (about 2 ulp) that the
+// CPU compiler vectorises; the GPU uses its native exp; double uses std::exp.
+FASTDPO_HD float exp_nonpos(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);
+#else
+  float t = x * 1.44269504088896341f;   // x * log2(e)
+  t = t < -126.0f ? -126.0f : t;          // NaN stays NaN (comparison is false)
+  t = t > 126.0f ? 126.0f : t;
+  const float k = __builtin_rintf(t);
+  const float r = (x - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
+  float p = 1.3888888888888889e-3f;     // 1/720
+  p = p * r + 8.3333333333333333e-3f;   // 1/120
+  p = p * r + 4.1666666666666667e-2f;   // 1/24
+  p = p * r + 1.6666666666666667e-1f;   // 1/6
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  union { int32_t i; float f; } scale;
+  scale.i = (static_cast<int32_t>(k) + 127) << 23;
+  const float y = p * scale.f;
+  return x < -87.33654f ? 0.0f : y;       // underflow, and exactly 0 for -inf
+#endif
+}
+
+FASTDPO_HD double exp_nonpos(double x) { return ::exp(x); }
+
+// Soft cap and its derivative from one exp:
+//   e = exp(-2|x|/c), tanh(|x|/c) = (1 - e) / (1 + e),
+//   s = c * tanh(x/c), ds/dx = 1 - tanh^2 = 4e / (1 + e)^2 (no cancellation).
+// Without soft cap: s = x, ds/dx = 1.
+template <typename acc_t>
+FASTDPO_HD void softcap_fwd(acc_t x, const Transform& t, acc_t& s, acc_t& ds) {
+  if (t.softcap > 0.0f) {
+    const acc_t a = x < acc_t(0) ? -x : x;
+    const acc_t e = exp_nonpos(acc_t(-2) * a * acc_t(t.inv_softcap));
+    const acc_t inv = acc_t(1) / (acc_t(1) + e);
+    const acc_t th = (acc_t(1) - e) * inv;
+    s = acc_t(t.softcap) * (x < acc_t(0) ? -th : th);
+    ds = acc_t(4) * e * inv * inv;
+  } else {
+    s = x;
+    ds = acc_t(1);
+  }
+}
+
+// z = s(x) / T, the value the log-softmax sees.
+template <typename acc_t>
+FASTDPO_HD acc_t transform_logit(acc_t x, const Transform& t) {
+  acc_t s, ds;
+  softcap_fwd(x, t, s, ds);
+  return s * acc_t(t.inv_temperature);
+}
+
+// Online log-sum-exp state over a set of z values:
+//   m  = max z,  s = sum exp(z - m),
+//   sz = sum exp(z - m) * (z - m)   -> entropy     = log(s) - sz / s
+//   s2 = sum exp(2 (z - m))         -> log sum p^2 = log(s2) - 2 log(s)
+// (sz is kept relative to m so entropy stays accurate for logits ~1e4.)
+template <typename acc_t>
+struct OnlineLSE {
+  acc_t m;
+  acc_t s;
+  acc_t sz;
+  acc_t s2;
+};
+
+template <typename acc_t>
+FASTDPO_HD OnlineLSE<acc_t> lse_identity() {
+  OnlineLSE<acc_t> r;
+  r.m = -INFINITY;
+  r.s = acc_t(0);
+  r.sz = acc_t(0);
+  r.s2 = acc_t(0);
+  return r;
+}
+
+// Merge two partial states (associative; used across chunks, threads, warps).
+// An empty state (m == -inf, e.g. an all-masked chunk) is the identity, so no
+// inf - inf appears; NaN in either state propagates.
+template <typename acc_t>
+FASTDPO_HD OnlineLSE<acc_t> lse_merge(const OnlineLSE<acc_t>& a, const OnlineLSE<acc_t>& b) {
+  if (a.m == -INFINITY) return b;
+  if (b.m == -INFINITY) return a;
+  OnlineLSE<acc_t> r;
+  r.m = a.m > b.m ? a.m : b.m;
+  if (a.m != a.m || b.m != b.m) r.m = a.m + b.m;  // NaN
+  const acc_t da = a.m - r.m, db = b.m - r.m;  // <= 0
+  const acc_t fa = exp_nonpos(da), fb = exp_nonpos(db);
+  r.s = a.s * fa + b.s * fb;
+  r.sz = fa * (a.sz + a.s * da) + fb * (b.sz + b.s * db);
+  r.s2 = a.s2 * fa * fa + b.s2 * fb * fb;
+  return r;
+}
+
+template <typename acc_t>
+FASTDPO_HD acc_t lse_value(const OnlineLSE<acc_t>& st) {
+  return st.m + ::log(st.s);
+}
+
+template <typename acc_t>
+FASTDPO_HD acc_t lse_entropy(const OnlineLSE<acc_t>& st) {
+  return ::log(st.s) - st.sz / st.s;
+}
+
+template <typename acc_t>
+FASTDPO_HD acc_t lse_log_sum_p2(const OnlineLSE<acc_t>& st) {
+  return ::log(st.s2) - acc_t(2) * ::log(st.s);
+}
+
+// d logp(y) / d x_v = g * (1[v == y] - exp(z_v - lse)) * ds/dx_v / T.
+template <typename acc_t>
+FASTDPO_HD acc_t logprob_grad(acc_t g, acc_t x, acc_t lse, bool is_label, const Transform& t) {
+  acc_t s, ds;
+  softcap_fwd(x, t, s, ds);
+  const acc_t z = s * acc_t(t.inv_temperature);
+  const acc_t p = exp_nonpos(z - lse);
+  return g * ((is_label ? acc_t(1) : acc_t(0)) - p) * ds * acc_t(t.inv_temperature);
+}
+
+}  // namespace fastdpo

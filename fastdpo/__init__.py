@@ -1,0 +1,24 @@
+"""fastdpo: fused kernels for DPO-family preference losses.
+
+The vocabulary-wide log-softmax gather, the reference log-ratio and the
+backward run in one pass over the logits; losses are small torch functions of
+the per-token / per-sequence log-probs those kernels return.
+"""
+
+from fastdpo._backends import Backend, BackendUnavailableError, available_backends
+from fastdpo._build import BuildError
+from fastdpo.ops.logprobs import FusedLogprobs, TokenLogprobs, fused_logprobs, token_logprobs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "BackendUnavailableError",
+    "BuildError",
+    "FusedLogprobs",
+    "TokenLogprobs",
+    "available_backends",
+    "fused_logprobs",
+    "token_logprobs",
+    "__version__",
+]

@@ -1,0 +1,75 @@
+"""Input checks shared by every public entry point.
+
+Each check raises ``TypeError`` (wrong kind of thing) or ``ValueError`` (right
+kind, wrong value) with a message naming the argument, what it was and what
+was expected.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_tensor(x, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"fastdpo: {name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_float_tensor(x, name: str) -> torch.Tensor:
+    check_tensor(x, name)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"fastdpo: {name} must be float32, bfloat16 or float16 (float64 for testing), got {x.dtype}")
+    return x
+
+
+def check_labels(labels, logits: torch.Tensor, name: str = "labels") -> torch.Tensor:
+    check_tensor(labels, name)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"fastdpo: {name} must be an integer tensor (token ids), got {labels.dtype}")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"fastdpo: {name} must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])} "
+            f"(one target per logits row, already shifted), got {tuple(labels.shape)}"
+        )
+    if labels.device != logits.device:
+        raise ValueError(f"fastdpo: {name} are on {labels.device} but logits are on {logits.device}")
+    return labels
+
+
+def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int, name: str = "labels") -> None:
+    """Labels must lie in [0, vocab) or equal ignore_index (one device sync on GPU)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        first = labels[bad].flatten()[0].item()
+        raise ValueError(
+            f"fastdpo: {name} contain {first}, outside the vocabulary [0, {vocab}); labels must be token ids "
+            f"or ignore_index ({ignore_index})"
+        )
+
+
+def check_positive(value, name: str, *, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"fastdpo: {name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"fastdpo: {name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def check_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"fastdpo: {name} must be an int, got {type(value).__name__}")
+    return value
+
+
+def check_same_shape(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"fastdpo: {name_b} must have the shape of {name_a} {tuple(a.shape)}, got {tuple(b.shape)}")
+    if a.device != b.device:
+        raise ValueError(f"fastdpo: {name_b} is on {b.device} but {name_a} is on {a.device}")

@@ -1,0 +1,9 @@
+"""Triton backend (not implemented yet): asking for it raises a clear error."""
+
+from __future__ import annotations
+
+import torch
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    return "the triton backend is not implemented in this version of fastdpo"

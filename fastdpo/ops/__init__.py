@@ -1,0 +1,1 @@
+"""Ops layer: ``torch.library`` schemas and the autograd functions over them."""

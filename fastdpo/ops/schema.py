@@ -1,0 +1,59 @@
+"""The ``fastdpo::`` op schemas, defined once, with their fake (meta) kernels.
+
+The native backends register device implementations under these names from
+C++ (``TORCH_LIBRARY_IMPL(fastdpo, CPU|CUDA, m)``), so one op name serves every
+device and ``torch.compile`` sees the calls through the fake kernels below.
+
+``logprobs_fwd(logits [B,T,V], labels [B,T] int64, ref_logits?, ignore_index,
+temperature, softcap, stats) -> (logp, lse, ref_logp, stats)``; ``softcap = 0``
+means none, ``ref_logp``/``stats`` are empty when not requested, ``stats`` is
+``[B, T, 4]``: entropy, argmax hit, mean soft-capped logit, log sum p^2.
+
+``logprobs_bwd(grad_logp, logits, labels, lse, ...) -> grad_logits`` and the
+in-place ``logprobs_bwd_`` that overwrites ``logits`` with its gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NUM_STATS = 4
+STAT_NAMES = ("entropy", "argmax_hit", "mean_logit", "log_sum_p2")
+
+_lib = torch.library.Library("fastdpo", "DEF")  # noqa: TOR901  (kept alive for the process)
+_lib.define(
+    "logprobs_fwd(Tensor logits, Tensor labels, Tensor? ref_logits, int ignore_index, float temperature, "
+    "float softcap, bool stats) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+_lib.define(
+    "logprobs_bwd(Tensor grad_logp, Tensor logits, Tensor labels, Tensor lse, int ignore_index, "
+    "float temperature, float softcap) -> Tensor"
+)
+_lib.define(
+    "logprobs_bwd_(Tensor grad_logp, Tensor(a!) logits, Tensor labels, Tensor lse, int ignore_index, "
+    "float temperature, float softcap) -> ()"
+)
+
+
+def _acc(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("fastdpo::logprobs_fwd")
+def _logprobs_fwd_fake(logits, labels, ref_logits, ignore_index, temperature, softcap, stats):
+    B, T, _ = logits.shape
+    acc = _acc(logits)
+    logp = logits.new_empty((B, T), dtype=acc)
+    ref = logits.new_empty((B, T) if ref_logits is not None else (0,), dtype=acc)
+    st = logits.new_empty((B, T, NUM_STATS) if stats else (0,), dtype=acc)
+    return logp, torch.empty_like(logp), ref, st
+
+
+@torch.library.register_fake("fastdpo::logprobs_bwd")
+def _logprobs_bwd_fake(grad_logp, logits, labels, lse, ignore_index, temperature, softcap):
+    return logits.new_empty(logits.shape)
+
+
+@torch.library.register_fake("fastdpo::logprobs_bwd_")
+def _logprobs_bwd_inplace_fake(grad_logp, logits, labels, lse, ignore_index, temperature, softcap):
+    return None
