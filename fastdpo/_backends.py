@@ -70,8 +70,15 @@ def parse_backend(name: str | Backend) -> Backend:
         raise ValueError(f"fastdpo: unknown backend {name!r}; expected one of {', '.join(BACKEND_NAMES)}") from None
 
 
+_modules: dict[Backend, ModuleType] = {}
+
+
 def kernel_module(backend: Backend) -> ModuleType:
-    return importlib.import_module(_MODULES[backend])
+    # A dict hit after the first use keeps this traceable by torch.compile.
+    mod = _modules.get(backend)
+    if mod is None:
+        mod = _modules[backend] = importlib.import_module(_MODULES[backend])
+    return mod
 
 
 def unavailable_reason(backend: Backend, device: torch.device) -> str | None:

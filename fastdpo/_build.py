@@ -113,7 +113,10 @@ def cuda_home() -> str | None:
         return None
     try:
         out = subprocess.run(
-            [nvcc, "-dryrun", "--version"], capture_output=True, text=True, timeout=60
+            [nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         m = re.search(r"TOP=(\S+)", out.stdout + out.stderr)
         if m:
@@ -163,9 +166,20 @@ def _flags(spec: ExtSpec) -> dict[str, list[str]]:
     inc = str(csrc_dir() / "include")
     # Warnings in our own sources are errors; torch's headers come in via -isystem.
     # The C++ standard is left to torch (C++17 or C++20 depending on its version).
-    cflags = ["-O3", "-fopenmp-simd", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"]
-    cflags += os.environ.get("FASTDPO_CPU_ARCH_FLAGS", "-march=native").split()
-    flags = {"extra_cflags": cflags, "extra_include_paths": [inc], "extra_cuda_cflags": [], "extra_ldflags": []}
+    # -fno-trapping-math lets the compiler if-convert (and so vectorise) the
+    # selects in the exp/soft-cap code; NaN and inf semantics are unchanged.
+    # -fopenmp: at::parallel_for is an inline OpenMP region in torch's headers,
+    # so without it the kernels would run on one thread (torch ships libgomp).
+    cflags = ["-O3", "-fopenmp", "-fno-trapping-math", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"]
+    arch = os.environ.get("FASTDPO_CPU_ARCH_FLAGS")
+    if arch is None:
+        arch = "-march=native"
+        if " avx2 " in f" {_cpu_features()} ":
+            # Some tunings (e.g. znver1) default to 128-bit vectors; the exp
+            # loops run ~20% faster with 256-bit ones.
+            arch += " -mprefer-vector-width=256"
+    cflags += arch.split()
+    flags = {"extra_cflags": cflags, "extra_include_paths": [inc], "extra_cuda_cflags": [], "extra_ldflags": ["-fopenmp"]}
     if spec.cuda:
         gencode = []
         for a in cuda_archs():

@@ -19,7 +19,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "fastdpo/checks.h"
@@ -38,28 +46,83 @@ struct RowResult {
   acc_t stats[kNumStats];
 };
 
+// ---- chunk conversion between the storage type and the accumulation type.
+// Written as plain loops over bit patterns so the compiler vectorises them
+// (c10's scalar conversions carry branches that block vectorisation).
+
+template <typename scalar_t, typename acc_t>
+inline void load_chunk(const scalar_t* __restrict__ src, acc_t* __restrict__ dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
+}
+
+inline void load_chunk(const c10::BFloat16* __restrict__ src, float* __restrict__ dst, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) d[i] = uint32_t(s[i]) << 16;
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_chunk(const acc_t* __restrict__ src, scalar_t* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+}
+
+// float -> bfloat16 with round-to-nearest-even; NaN stays NaN.
+inline void store_chunk(const float* __restrict__ src, c10::BFloat16* dst, int64_t n) {
+  const uint32_t* s = reinterpret_cast<const uint32_t*>(src);
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = s[i];
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const bool is_nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+    d[i] = uint16_t(is_nan ? 0x7FC0u : rounded);
+  }
+}
+
+#if defined(__F16C__)
+inline void load_chunk(const c10::Half* __restrict__ src, float* __restrict__ dst, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(s[i]);
+}
+
+inline void store_chunk(const float* __restrict__ src, c10::Half* dst, int64_t n) {
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) d[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+}
+#endif
+
 // Reduce one row. `label` is in [0, V). With kStats, also the entropy, the
 // argmax hit, the mean soft-capped logit and log sum p^2.
-template <bool kStats, typename scalar_t, typename acc_t>
+template <bool kStats, bool kCap, typename scalar_t, typename acc_t>
 RowResult<acc_t> reduce_row(const scalar_t* __restrict__ x, int64_t V, int64_t label, const Transform& tf) {
   alignas(64) acc_t buf[kChunk];
   OnlineLSE<acc_t> st = lse_identity<acc_t>();
-  const acc_t z_label = transform_logit(static_cast<acc_t>(x[label]), tf);
+  const acc_t z_label = transform_logit_t<kCap>(static_cast<acc_t>(x[label]), tf);
   const acc_t inv_t = acc_t(tf.inv_temperature);
   int nan_seen = 0;
   double sum_capped = 0;          // mean logit: chunk sums in acc_t, row sum in double
   int64_t above = 0, tie_before = 0;  // argmax hit <=> nothing above z_label, no equal one before it
 
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
-    const int64_t n = std::min(kChunk, V - c0);
-    const scalar_t* xc = x + c0;
+    const int n = int(std::min(kChunk, V - c0));
+    load_chunk(x + c0, buf, n);
     acc_t m = -INFINITY;
     acc_t csum = 0;
 #pragma omp simd reduction(max : m) reduction(| : nan_seen) reduction(+ : csum)
-    for (int64_t i = 0; i < n; ++i) {
-      const acc_t xv = static_cast<acc_t>(xc[i]);
+    for (int i = 0; i < n; ++i) {
+      const acc_t xv = buf[i];
       acc_t s, ds;
-      softcap_fwd(xv, tf, s, ds);
+      softcap_fwd_t<kCap>(xv, tf, s, ds);
       const acc_t z = s * inv_t;
       buf[i] = z;
       nan_seen |= (xv != xv);
@@ -70,10 +133,10 @@ RowResult<acc_t> reduce_row(const scalar_t* __restrict__ x, int64_t V, int64_t l
     if (m == -INFINITY) continue;  // all masked: contributes nothing to the log-sum-exp
     acc_t cs = 0, csz = 0, cs2 = 0;
     if (kStats) {
-      int64_t c_above = 0, c_tie = 0;
+      int c_above = 0, c_tie = 0;
       const int64_t tie_end = label - c0;  // indices i < tie_end are before the label
 #pragma omp simd reduction(+ : cs, csz, cs2, c_above, c_tie)
-      for (int64_t i = 0; i < n; ++i) {
+      for (int i = 0; i < n; ++i) {
         const acc_t d = buf[i] - m;
         const acc_t e = exp_nonpos(d);
         cs += e;
@@ -86,7 +149,7 @@ RowResult<acc_t> reduce_row(const scalar_t* __restrict__ x, int64_t V, int64_t l
       tie_before += c_tie;
     } else {
 #pragma omp simd reduction(+ : cs)
-      for (int64_t i = 0; i < n; ++i) cs += exp_nonpos(buf[i] - m);
+      for (int i = 0; i < n; ++i) cs += exp_nonpos(buf[i] - m);
     }
     OnlineLSE<acc_t> chunk{m, cs, csz, cs2};
     st = lse_merge(st, chunk);
@@ -103,6 +166,14 @@ RowResult<acc_t> reduce_row(const scalar_t* __restrict__ x, int64_t V, int64_t l
     r.stats[kStatLogSumP2] = nan_seen ? nan : lse_log_sum_p2(st);
   }
   return r;
+}
+
+// Runtime flags -> template instantiation.
+template <typename scalar_t, typename acc_t>
+RowResult<acc_t> reduce_row_any(const scalar_t* x, int64_t V, int64_t label, const Transform& tf, bool stats) {
+  const bool cap = tf.softcap > 0.0f;
+  if (stats) return cap ? reduce_row<true, true, scalar_t, acc_t>(x, V, label, tf) : reduce_row<true, false, scalar_t, acc_t>(x, V, label, tf);
+  return cap ? reduce_row<false, true, scalar_t, acc_t>(x, V, label, tf) : reduce_row<false, false, scalar_t, acc_t>(x, V, label, tf);
 }
 
 // Indices of rows whose label is not ignore_index; throws on labels out of range.
@@ -156,19 +227,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
     at::parallel_for(0, int64_t(rows.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         const int64_t r = rows[k];
-        const scalar_t* xr = xp + row_offset(logits, r, T);
+        const auto res = reduce_row_any<scalar_t, acc_t>(xp + row_offset(logits, r, T), V, y[r], tf, stats);
+        lse_p[r] = res.lse;
+        logp_p[r] = res.z_label - res.lse;
         if (stats) {
-          const auto res = reduce_row<true, scalar_t, acc_t>(xr, V, y[r], tf);
-          lse_p[r] = res.lse;
-          logp_p[r] = res.z_label - res.lse;
           for (int j = 0; j < kNumStats; ++j) st_p[r * kNumStats + j] = res.stats[j];
-        } else {
-          const auto res = reduce_row<false, scalar_t, acc_t>(xr, V, y[r], tf);
-          lse_p[r] = res.lse;
-          logp_p[r] = res.z_label - res.lse;
         }
         if (has_ref) {
-          const auto rr = reduce_row<false, scalar_t, acc_t>(rp + row_offset(ref, r, T), V, y[r], tf);
+          const auto rr = reduce_row_any<scalar_t, acc_t>(rp + row_offset(ref, r, T), V, y[r], tf, false);
           ref_p[r] = rr.z_label - rr.lse;
         }
       }
@@ -177,15 +243,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
   return {logp, lse, ref_logp, st};
 }
 
-// One row of the gradient; `out` may alias `x` (see logprobs_bwd_into).
-template <typename scalar_t, typename acc_t>
+// One row of the gradient, chunk by chunk through an L1 buffer; `out` may
+// alias `x` (see logprobs_bwd_into).
+template <bool kCap, typename scalar_t, typename acc_t>
 void grad_row(const scalar_t* x, scalar_t* out, int64_t V, int64_t label, acc_t g, acc_t lse, const Transform& tf) {
-  const acc_t g_label = logprob_grad(g, static_cast<acc_t>(x[label]), lse, true, tf);
+  alignas(64) acc_t buf[kChunk];
+  const acc_t g_label = logprob_grad_t<kCap>(g, static_cast<acc_t>(x[label]), lse, acc_t(1), tf);
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    const int n = int(std::min(kChunk, V - c0));
+    load_chunk(x + c0, buf, n);
 #pragma omp simd
-  for (int64_t i = 0; i < V; ++i) {
-    out[i] = static_cast<scalar_t>(logprob_grad(g, static_cast<acc_t>(x[i]), lse, false, tf));
+    for (int i = 0; i < n; ++i) buf[i] = logprob_grad_t<kCap>(g, buf[i], lse, acc_t(0), tf);
+    if (label >= c0 && label < c0 + n) buf[label - c0] = g_label;
+    store_chunk(buf, out + c0, n);
   }
-  out[label] = static_cast<scalar_t>(g_label);
 }
 
 // grad_x[r, :] = g_r * (onehot(y_r) - softmax(z_r)) * dz/dx, written into `out`
@@ -219,16 +290,43 @@ void logprobs_bwd_into(const at::Tensor& grad_logp, const at::Tensor& logits, co
           std::fill(orow, orow + V, scalar_t(0));
           continue;
         }
-        grad_row(xr, orow, V, y[r], gr, lp[r], tf);
+        if (tf.softcap > 0.0f) {
+          grad_row<true>(xr, orow, V, y[r], gr, lp[r], tf);
+        } else {
+          grad_row<false>(xr, orow, V, y[r], gr, lp[r], tf);
+        }
       }
     });
   });
 }
 
+// A [B, T, V] gradient buffer. Large buffers are mapped with transparent huge
+// pages where the kernel allows it: a fresh 4 KiB-paged buffer of a few
+// hundred MB costs tens of thousands of page faults on first touch, which on
+// small machines takes as long as the gradient computation itself.
+at::Tensor grad_buffer(const at::Tensor& logits) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t bytes = size_t(logits.numel()) * logits.element_size();
+  if (bytes >= 8 * kHuge) {
+    const size_t len = (bytes + kHuge - 1) / kHuge * kHuge + kHuge;  // room to align to 2 MiB
+    void* base = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base != MAP_FAILED) {
+      const uintptr_t aligned = (reinterpret_cast<uintptr_t>(base) + kHuge - 1) & ~(uintptr_t(kHuge) - 1);
+      madvise(reinterpret_cast<void*>(aligned), len - (aligned - reinterpret_cast<uintptr_t>(base)), MADV_HUGEPAGE);
+      return at::from_blob(
+          reinterpret_cast<void*>(aligned), logits.sizes(), [base, len](void*) { munmap(base, len); },
+          logits.options());
+    }
+  }
+#endif
+  return at::empty(logits.sizes(), logits.options());
+}
+
 at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
                             const at::Tensor& lse, int64_t ignore_index, double temperature, double softcap) {
   check_bwd(grad_logp, logits, labels, lse, temperature, softcap);
-  at::Tensor out = at::empty(logits.sizes(), logits.options());
+  at::Tensor out = grad_buffer(logits);
   logprobs_bwd_into(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, out);
   return out;
 }

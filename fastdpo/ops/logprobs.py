@@ -41,10 +41,17 @@ class TokenLogprobs(NamedTuple):
     log_sum_p2: torch.Tensor
 
 
+@torch._dynamo.assume_constant_result
+def _resolve(name: str, device_type: str) -> str:
+    # Runs eagerly even while torch.compile traces (it may build/load code);
+    # the traced graph keeps the chosen backend as a constant.
+    return _backends.resolve(name, torch.device(device_type)).value
+
+
 class _LogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ref_logits, ignore_index, temperature, softcap, stats, inplace, backend):
-        kern = _backends.kernel_module(backend)
+        kern = _backends.kernel_module(Backend(backend))
         logp, lse, ref_logp, st = kern.logprobs_fwd(
             logits, labels, ref_logits, ignore_index, temperature, softcap, stats
         )
@@ -57,7 +64,7 @@ class _LogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, _grad_ref, _grad_stats):
         logits, labels, lse = ctx.saved_tensors
         ignore_index, temperature, softcap, inplace, backend = ctx.args
-        kern = _backends.kernel_module(backend)
+        kern = _backends.kernel_module(Backend(backend))
         grad = kern.logprobs_bwd(
             grad_logp.contiguous(), logits, labels, lse, ignore_index, temperature, softcap, inplace
         )
@@ -118,8 +125,8 @@ def fused_logprobs(
             "use it on logits produced by the model (e.g. the LM head output)"
         )
 
-    backend = _backends.resolve(backend, logits.device)
-    if backend is not Backend.CPU:  # the C++ CPU kernels check label ranges themselves
+    backend = _resolve(str(backend), logits.device.type)
+    if not torch.compiler.is_compiling():  # data-dependent; compiled graphs rely on the kernels' own checks
         _validation.check_label_range(labels, logits.shape[-1], ignore_index)
 
     out_shape = labels.shape

@@ -90,10 +90,11 @@ FASTDPO_HD double exp_nonpos(double x) { return ::exp(x); }
 // Soft cap and its derivative from one exp:
 //   e = exp(-2|x|/c), tanh(|x|/c) = (1 - e) / (1 + e),
 //   s = c * tanh(x/c), ds/dx = 1 - tanh^2 = 4e / (1 + e)^2 (no cancellation).
-// Without soft cap: s = x, ds/dx = 1.
-template <typename acc_t>
-FASTDPO_HD void softcap_fwd(acc_t x, const Transform& t, acc_t& s, acc_t& ds) {
-  if (t.softcap > 0.0f) {
+// Without soft cap: s = x, ds/dx = 1. kCap is a compile-time switch so that
+// vectorised loops contain no branch; softcap_fwd picks it at run time.
+template <bool kCap, typename acc_t>
+FASTDPO_HD void softcap_fwd_t(acc_t x, const Transform& t, acc_t& s, acc_t& ds) {
+  if (kCap) {
     const acc_t a = x < acc_t(0) ? -x : x;
     const acc_t e = exp_nonpos(acc_t(-2) * a * acc_t(t.inv_softcap));
     const acc_t inv = acc_t(1) / (acc_t(1) + e);
@@ -106,12 +107,26 @@ FASTDPO_HD void softcap_fwd(acc_t x, const Transform& t, acc_t& s, acc_t& ds) {
   }
 }
 
+template <typename acc_t>
+FASTDPO_HD void softcap_fwd(acc_t x, const Transform& t, acc_t& s, acc_t& ds) {
+  if (t.softcap > 0.0f) {
+    softcap_fwd_t<true>(x, t, s, ds);
+  } else {
+    softcap_fwd_t<false>(x, t, s, ds);
+  }
+}
+
 // z = s(x) / T, the value the log-softmax sees.
+template <bool kCap, typename acc_t>
+FASTDPO_HD acc_t transform_logit_t(acc_t x, const Transform& t) {
+  acc_t s, ds;
+  softcap_fwd_t<kCap>(x, t, s, ds);
+  return s * acc_t(t.inv_temperature);
+}
+
 template <typename acc_t>
 FASTDPO_HD acc_t transform_logit(acc_t x, const Transform& t) {
-  acc_t s, ds;
-  softcap_fwd(x, t, s, ds);
-  return s * acc_t(t.inv_temperature);
+  return t.softcap > 0.0f ? transform_logit_t<true>(x, t) : transform_logit_t<false>(x, t);
 }
 
 // Online log-sum-exp state over a set of z values:
@@ -171,13 +186,19 @@ FASTDPO_HD acc_t lse_log_sum_p2(const OnlineLSE<acc_t>& st) {
 }
 
 // d logp(y) / d x_v = g * (1[v == y] - exp(z_v - lse)) * ds/dx_v / T.
-template <typename acc_t>
-FASTDPO_HD acc_t logprob_grad(acc_t g, acc_t x, acc_t lse, bool is_label, const Transform& t) {
+template <bool kCap, typename acc_t>
+FASTDPO_HD acc_t logprob_grad_t(acc_t g, acc_t x, acc_t lse, acc_t onehot, const Transform& t) {
   acc_t s, ds;
-  softcap_fwd(x, t, s, ds);
+  softcap_fwd_t<kCap>(x, t, s, ds);
   const acc_t z = s * acc_t(t.inv_temperature);
   const acc_t p = exp_nonpos(z - lse);
-  return g * ((is_label ? acc_t(1) : acc_t(0)) - p) * ds * acc_t(t.inv_temperature);
+  return g * (onehot - p) * ds * acc_t(t.inv_temperature);
+}
+
+template <typename acc_t>
+FASTDPO_HD acc_t logprob_grad(acc_t g, acc_t x, acc_t lse, bool is_label, const Transform& t) {
+  const acc_t onehot = is_label ? acc_t(1) : acc_t(0);
+  return t.softcap > 0.0f ? logprob_grad_t<true>(g, x, lse, onehot, t) : logprob_grad_t<false>(g, x, lse, onehot, t);
 }
 
 }  // namespace fastdpo
