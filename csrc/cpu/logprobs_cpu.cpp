@@ -22,9 +22,6 @@
 #if defined(__F16C__)
 #include <immintrin.h>
 #endif
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include <cmath>
 #include <limits>
@@ -300,33 +297,10 @@ void logprobs_bwd_into(const at::Tensor& grad_logp, const at::Tensor& logits, co
   });
 }
 
-// A [B, T, V] gradient buffer. Large buffers are mapped with transparent huge
-// pages where the kernel allows it: a fresh 4 KiB-paged buffer of a few
-// hundred MB costs tens of thousands of page faults on first touch, which on
-// small machines takes as long as the gradient computation itself.
-at::Tensor grad_buffer(const at::Tensor& logits) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr size_t kHuge = size_t(2) << 20;
-  const size_t bytes = size_t(logits.numel()) * logits.element_size();
-  if (bytes >= 8 * kHuge) {
-    const size_t len = (bytes + kHuge - 1) / kHuge * kHuge + kHuge;  // room to align to 2 MiB
-    void* base = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (base != MAP_FAILED) {
-      const uintptr_t aligned = (reinterpret_cast<uintptr_t>(base) + kHuge - 1) & ~(uintptr_t(kHuge) - 1);
-      madvise(reinterpret_cast<void*>(aligned), len - (aligned - reinterpret_cast<uintptr_t>(base)), MADV_HUGEPAGE);
-      return at::from_blob(
-          reinterpret_cast<void*>(aligned), logits.sizes(), [base, len](void*) { munmap(base, len); },
-          logits.options());
-    }
-  }
-#endif
-  return at::empty(logits.sizes(), logits.options());
-}
-
 at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
                             const at::Tensor& lse, int64_t ignore_index, double temperature, double softcap) {
   check_bwd(grad_logp, logits, labels, lse, temperature, softcap);
-  at::Tensor out = grad_buffer(logits);
+  at::Tensor out = at::empty(logits.sizes(), logits.options());
   logprobs_bwd_into(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, out);
   return out;
 }
