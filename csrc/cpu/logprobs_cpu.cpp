@@ -107,8 +107,11 @@ RowResult<acc_t> reduce_row(const scalar_t* __restrict__ x, int64_t V, int64_t l
   const acc_t z_label = transform_logit_t<kCap>(static_cast<acc_t>(x[label]), tf);
   const acc_t inv_t = acc_t(tf.inv_temperature);
   int nan_seen = 0;
-  double sum_capped = 0;          // mean logit: chunk sums in acc_t, row sum in double
-  int64_t above = 0, tie_before = 0;  // argmax hit <=> nothing above z_label, no equal one before it
+  double sum_capped = 0;  // mean logit: chunk sums in acc_t, row sum in double
+  // First argmax of z: updated only when a chunk's max beats the best so far
+  // (a scalar scan of that chunk), so the hot loops carry no index bookkeeping.
+  acc_t best = -INFINITY;
+  int64_t best_idx = 0;
 
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int n = int(std::min(kChunk, V - c0));
@@ -126,24 +129,29 @@ RowResult<acc_t> reduce_row(const scalar_t* __restrict__ x, int64_t V, int64_t l
       m = z > m ? z : m;
       if (kStats) csum += s;
     }
-    if (kStats) sum_capped += csum;
+    if (kStats) {
+      sum_capped += csum;
+      if (m > best || (c0 == 0 && m == best)) {
+        best = m;
+        for (int i = 0; i < n; ++i) {
+          if (buf[i] == m) {
+            best_idx = c0 + i;
+            break;
+          }
+        }
+      }
+    }
     if (m == -INFINITY) continue;  // all masked: contributes nothing to the log-sum-exp
     acc_t cs = 0, csz = 0, cs2 = 0;
     if (kStats) {
-      int c_above = 0, c_tie = 0;
-      const int64_t tie_end = label - c0;  // indices i < tie_end are before the label
-#pragma omp simd reduction(+ : cs, csz, cs2, c_above, c_tie)
+#pragma omp simd reduction(+ : cs, csz, cs2)
       for (int i = 0; i < n; ++i) {
         const acc_t d = buf[i] - m;
         const acc_t e = exp_nonpos(d);
         cs += e;
         csz += e > acc_t(0) ? e * d : acc_t(0);  // 0 * -inf for masked entries counts as 0
         cs2 += e * e;
-        c_above += buf[i] > z_label;
-        c_tie += (buf[i] == z_label) & (i < tie_end);
       }
-      above += c_above;
-      tie_before += c_tie;
     } else {
 #pragma omp simd reduction(+ : cs)
       for (int i = 0; i < n; ++i) cs += exp_nonpos(buf[i] - m);
@@ -158,7 +166,7 @@ RowResult<acc_t> reduce_row(const scalar_t* __restrict__ x, int64_t V, int64_t l
   r.z_label = z_label;
   if (kStats) {
     r.stats[kStatEntropy] = nan_seen ? nan : lse_entropy(st);
-    r.stats[kStatArgmaxHit] = nan_seen ? nan : acc_t(above == 0 && tie_before == 0);
+    r.stats[kStatArgmaxHit] = nan_seen ? nan : acc_t(best_idx == label);
     r.stats[kStatMeanLogit] = nan_seen ? nan : acc_t(sum_capped / double(V));
     r.stats[kStatLogSumP2] = nan_seen ? nan : lse_log_sum_p2(st);
   }
