@@ -24,6 +24,10 @@
 #endif
 
 #include <cmath>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -113,14 +117,21 @@ RowResult<acc_t> reduce_row(const scalar_t* __restrict__ x, int64_t V, int64_t l
   acc_t best = -INFINITY;
   int64_t best_idx = 0;
 
+  // fp32/fp64 rows are read in place; narrower types are widened into buf first.
+  constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int n = int(std::min(kChunk, V - c0));
-    load_chunk(x + c0, buf, n);
+    const acc_t* src = buf;
+    if constexpr (kDirect) {
+      src = x + c0;
+    } else {
+      load_chunk(x + c0, buf, n);
+    }
     acc_t m = -INFINITY;
     acc_t csum = 0;
 #pragma omp simd reduction(max : m) reduction(| : nan_seen) reduction(+ : csum)
     for (int i = 0; i < n; ++i) {
-      const acc_t xv = buf[i];
+      const acc_t xv = src[i];
       acc_t s, ds;
       softcap_fwd_t<kCap>(xv, tf, s, ds);
       const acc_t z = s * inv_t;
@@ -305,10 +316,69 @@ void logprobs_bwd_into(const at::Tensor& grad_logp, const at::Tensor& logits, co
   });
 }
 
+// Gradient buffers of a training loop have the same size every step. A fresh
+// multi-hundred-MB buffer costs one page fault per 4 KiB on first touch, which
+// on small machines takes as long as the gradient itself; so the most recently
+// released buffer (>= 16 MiB) is kept mapped and handed to the next backward
+// of a fitting size. At most one buffer is held. FASTDPO_CPU_GRAD_POOL=0
+// disables this.
+class GradBufferPool {
+ public:
+  static GradBufferPool& get() {
+    static GradBufferPool pool;
+    return pool;
+  }
+
+  at::Tensor empty(const at::Tensor& like) {
+    const size_t bytes = size_t(like.numel()) * like.element_size();
+    if (!enabled_ || bytes < (size_t(16) << 20)) return at::empty(like.sizes(), like.options());
+    void* ptr = nullptr;
+    size_t cap = bytes;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      if (held_ != nullptr && held_bytes_ >= bytes && held_bytes_ <= 2 * bytes) {
+        ptr = held_;
+        cap = held_bytes_;
+        held_ = nullptr;
+        held_bytes_ = 0;
+      }
+    }
+    if (ptr == nullptr) {
+      ptr = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+      TORCH_CHECK(ptr != nullptr, "fastdpo: out of memory allocating a ", bytes, "-byte gradient buffer");
+    }
+    return at::from_blob(ptr, like.sizes(), [cap](void* p) { GradBufferPool::get().release(p, cap); },
+                         like.options());
+  }
+
+ private:
+  GradBufferPool() {
+    const char* env = std::getenv("FASTDPO_CPU_GRAD_POOL");
+    enabled_ = env == nullptr || std::string(env) != "0";
+  }
+
+  void release(void* p, size_t bytes) {
+    void* drop = p;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      if (held_ == nullptr || bytes >= held_bytes_) {
+        std::swap(drop, held_);  // keep the larger buffer, free the other (or nothing)
+        held_bytes_ = bytes;
+      }
+    }
+    std::free(drop);
+  }
+
+  std::mutex mu_;
+  void* held_ = nullptr;
+  size_t held_bytes_ = 0;
+  bool enabled_ = true;
+};
+
 at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
                             const at::Tensor& lse, int64_t ignore_index, double temperature, double softcap) {
   check_bwd(grad_logp, logits, labels, lse, temperature, softcap);
-  at::Tensor out = at::empty(logits.sizes(), logits.options());
+  at::Tensor out = GradBufferPool::get().empty(logits);
   logprobs_bwd_into(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, out);
   return out;
 }
