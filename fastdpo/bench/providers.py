@@ -1,0 +1,172 @@
+"""Benchmark providers: one entry per implementation a user could pick.
+
+A provider turns a :class:`Case` into a zero-argument ``step`` callable that
+runs the requested mode (``fwd``, ``bwd`` or ``fwd+bwd``) once. Providers whose
+package is missing or whose backend cannot run here are skipped with a note,
+never faked. The same providers serve the CLI and the pytest-benchmark suites
+under ``bench/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from typing import Callable
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    N: int
+    V: int
+    dtype: str  # key of DTYPES
+    mode: str  # "fwd", "bwd" or "fwd+bwd"
+    device: str = "cpu"
+    seed: int = 0
+
+    def label(self) -> str:
+        return f"{self.mode} {self.dtype} N={self.N} V={self.V}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Provider:
+    name: str
+    kind: str  # "fastdpo", "anchor" or "floor"
+    build: Callable[[Case], Callable[[], None]]
+    unavailable: Callable[[str], str | None] = lambda device: None  # None = runnable, else the reason
+
+
+def _inputs(case: Case):
+    """Logits and labels, filled in row blocks so that creating them never
+    allocates more than the logits themselves (peak-memory accounting)."""
+    g = torch.Generator(device="cpu").manual_seed(case.seed)
+    x = torch.empty(case.N, case.V, device=case.device, dtype=DTYPES[case.dtype])
+    step = max(1, (1 << 22) // case.V)
+    for i in range(0, case.N, step):
+        x[i : i + step] = torch.randn(min(step, case.N - i), case.V, generator=g).to(x.device, x.dtype)
+    y = torch.randint(0, case.V, (case.N,), generator=g).to(case.device)
+    return x, y
+
+
+def _logprob_step(fn: Callable, case: Case) -> Callable[[], None]:
+    """Wrap ``fn(x, y) -> logps`` as a step of the requested mode."""
+    x, y = _inputs(case)
+    if case.mode == "fwd":
+        def step():
+            with torch.no_grad():
+                fn(x, y)
+        return step
+    xr = x.clone().requires_grad_()
+    w = torch.randn(case.N, device=case.device)
+    # In-place backward needs logits produced by an op (as an LM head's output);
+    # a view of the input stands in, so the gradient overwrites the input itself.
+    nonleaf = getattr(fn, "needs_nonleaf", False)
+    if case.mode == "fwd+bwd":
+        def step():
+            xr.grad = None
+            logits = xr.view_as(xr) if nonleaf else xr
+            (fn(logits, y).float() * w).sum().backward()
+        return step
+
+    # bwd only: the forward is redone outside the timed region each time
+    def step_bwd():
+        xr.grad = None
+        logits = xr.view_as(xr) if nonleaf else xr
+        out = (fn(logits, y).float() * w).sum()
+        step_bwd.pending = out
+
+    def timed():
+        step_bwd.pending.backward()
+
+    step_bwd()
+    timed.prepare = step_bwd
+    return timed
+
+
+def _fastdpo(backend: str, device: str, inplace: bool = False):
+    import fastdpo
+    from fastdpo import _backends
+
+    _backends.resolve(backend, torch.device(device))  # load native code before memory accounting
+
+    def fn(x, y):
+        return fastdpo.token_logprobs(x, y, backend=backend, inplace_backward=inplace)
+
+    fn.needs_nonleaf = inplace  # in-place backward needs logits produced by an op (as from an LM head)
+    return fn
+
+
+def _fastdpo_unavailable(backend: str):
+    def check(device: str) -> str | None:
+        from fastdpo import _backends
+
+        return _backends.unavailable_reason(_backends.Backend(backend), torch.device(device))
+
+    return check
+
+
+def _naive(x, y):
+    return torch.log_softmax(x.float(), dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
+# Anchors are loaded when the provider is built, before memory accounting
+# starts, so one-time import costs are not charged to the step.
+
+
+def _naive_compiled():
+    import torch._inductor.compile_fx  # noqa: F401  (import cost outside the measurement)
+
+    return torch.compile(_naive, dynamic=False)
+
+
+def _trl_selective():
+    from trl.trainer.utils import selective_log_softmax
+
+    return selective_log_softmax
+
+
+def _missing(module: str, pip_name: str):
+    def check(device: str) -> str | None:
+        return None if importlib.util.find_spec(module) else f"{pip_name} is not installed (pip install {pip_name})"
+
+    return check
+
+
+def _floor(case: Case) -> Callable[[], None]:
+    """What no logits-input method avoids: read the logits (forward), then read
+    them again and write a gradient of the same size (backward)."""
+    x, _ = _inputs(case)
+    out = torch.empty_like(x)
+    if case.mode == "fwd":
+        return lambda: x.sum()
+    if case.mode == "bwd":
+        return lambda: out.copy_(x)
+
+    def step():
+        x.sum()
+        out.copy_(x)
+
+    return step
+
+
+LOGPROB_PROVIDERS: list[Provider] = [
+    Provider("fastdpo-cpu", "fastdpo", lambda c: _logprob_step(_fastdpo("cpu", c.device), c),
+             _fastdpo_unavailable("cpu")),
+    Provider("fastdpo-cpu-inplace", "fastdpo", lambda c: _logprob_step(_fastdpo("cpu", c.device, True), c),
+             _fastdpo_unavailable("cpu")),
+    Provider("fastdpo-triton", "fastdpo", lambda c: _logprob_step(_fastdpo("triton", c.device), c),
+             _fastdpo_unavailable("triton")),
+    Provider("fastdpo-cuda", "fastdpo", lambda c: _logprob_step(_fastdpo("cuda", c.device), c),
+             _fastdpo_unavailable("cuda")),
+    Provider("fastdpo-torch", "fastdpo", lambda c: _logprob_step(_fastdpo("torch", c.device), c),
+             _fastdpo_unavailable("torch")),
+    Provider("naive", "anchor", lambda c: _logprob_step(_naive, c)),
+    Provider("naive-compile", "anchor", lambda c: _logprob_step(_naive_compiled(), c)),
+    Provider("trl-selective", "anchor", lambda c: _logprob_step(_trl_selective(), c), _missing("trl", "trl")),
+    Provider("floor", "floor", _floor),
+]
+
+PROVIDERS = {p.name: p for p in LOGPROB_PROVIDERS}
