@@ -163,11 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(p, c) for c in cases for p in providers]
     results, t0 = [], time.monotonic()
     for i, (p, c) in enumerate(jobs, 1):
-        sys.stdout.write(f"\r[{i}/{len(jobs)}] {c.label():<36} {p.name:<22} {time.monotonic() - t0:5.0f}s")
+        msg = f"[{i}/{len(jobs)}] {c.label():<36} {p.name:<22} {time.monotonic() - t0:5.0f}s"
+        sys.stdout.write(f"\r{msg}" if sys.stdout.isatty() else f"{msg}\n")
         sys.stdout.flush()
         res = _run_one(p.name, c, args.warmup, args.reps)
         results.append({"provider": p.name, "kind": p.kind, "case": dataclasses.asdict(c), **res})
-    sys.stdout.write("\n")
+    if sys.stdout.isatty():
+        sys.stdout.write("\n")
 
     print(_fmt_table(results, cases))
     print("\nvs naive: speed-up over log_softmax().gather() with autograd; vs floor: time / (the logits' "
