@@ -44,7 +44,7 @@ def _aot_extensions():
     sys.path.insert(0, str(ROOT))
     from fastdpo import _build  # noqa: E402  (needs torch, hence --no-build-isolation)
 
-    return _build.setuptools_extensions(ROOT / "csrc")
+    return _build.setuptools_extensions(Path("csrc"))  # setuptools wants relative source paths
 
 
 ext_modules, extra_cmdclass = _aot_extensions()

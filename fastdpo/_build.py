@@ -406,6 +406,8 @@ def setuptools_extensions(csrc: Path):
     for key, spec in EXTENSIONS.items():
         if spec.cuda and not (torch.version.cuda and cuda_home()):
             continue
+        if not all((Path(csrc) / src).is_file() for src in spec.sources):
+            continue  # a backend whose sources are not part of this version
         fl = _flags(spec)
         cls = CUDAExtension if spec.cuda else CppExtension
         if spec.cuda:
