@@ -140,7 +140,7 @@ def test_stats_match_definitions(backend, dtype):
     expect = {
         "entropy": -(logp.exp() * logp).sum(-1),
         "argmax_hit": (z.argmax(-1) == y).double(),
-        "mean_logit": s.mean(-1),
+        "mean_logit": z.mean(-1),
         "log_sum_p2": torch.logsumexp(2 * logp, -1),
     }
     tol = 1e-5 if dtype == torch.float32 else 1e-4

@@ -103,7 +103,7 @@ inline void store_chunk(const float* __restrict__ src, c10::Half* dst, int64_t n
 #endif
 
 // Reduce one row. `label` is in [0, V). With kStats, also the entropy, the
-// argmax hit, the mean soft-capped logit and log sum p^2.
+// argmax hit, the mean transformed logit z and log sum p^2.
 template <bool kStats, bool kCap, typename scalar_t, typename acc_t>
 RowResult<acc_t> reduce_row(const scalar_t* __restrict__ x, int64_t V, int64_t label, const Transform& tf) {
   alignas(64) acc_t buf[kChunk];
@@ -138,7 +138,7 @@ RowResult<acc_t> reduce_row(const scalar_t* __restrict__ x, int64_t V, int64_t l
       buf[i] = z;
       nan_seen |= (xv != xv);
       m = z > m ? z : m;
-      if (kStats) csum += s;
+      if (kStats) csum += z;
     }
     if (kStats) {
       sum_capped += csum;

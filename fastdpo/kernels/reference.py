@@ -9,7 +9,7 @@ Per token row with logits x and label y (c = soft cap, T = temperature)::
     z = s / T
     lse = logsumexp(z)
     logp = z[y] - lse          (0 where y == ignore_index)
-    stats = [entropy = -sum p log p, 1[argmax z == y], mean(s), log sum p^2]
+    stats = [entropy = -sum p log p, 1[argmax z == y], mean(z), log sum p^2]
     d logp / d x = (onehot(y) - softmax(z)) * (1 - tanh^2(x / c)) / T
 """
 
@@ -55,7 +55,7 @@ def _chunk_fwd(x, y, ignore_index, temperature, softcap, stats):
         p = logp_all.exp()
         entropy = -torch.where(p > 0, p * logp_all, 0.0).sum(-1)
         hit = (z.argmax(-1) == y).to(acc)
-        mean_logit = s.mean(-1)
+        mean_logit = z.mean(-1)
         log_sum_p2 = torch.logsumexp(2 * logp_all, dim=-1)
         st = torch.stack([entropy, hit, mean_logit, log_sum_p2], dim=-1)
         st = torch.where(valid.unsqueeze(-1), st, 0.0)

@@ -170,7 +170,8 @@ def token_logprobs(
         softcap: Gemma-style ``softcap * tanh(x / softcap)`` applied first, or None.
         backend: ``"auto"``, ``"torch"`` (reference), ``"cpu"``, ``"triton"`` or ``"cuda"``.
         return_stats: also return per-token entropy, whether the label is the
-            argmax, the mean logit and ``log sum p^2`` from the same pass.
+            argmax, the mean over the vocabulary of the soft-capped,
+            temperature-scaled logits and ``log sum p^2`` from the same pass.
         inplace_backward: write the gradient into the logits' own storage in
             backward, saving a ``[N, V]`` buffer. **The logits are destroyed**:
             nothing else may use them after backward.

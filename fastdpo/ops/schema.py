@@ -7,7 +7,7 @@ device and ``torch.compile`` sees the calls through the fake kernels below.
 ``logprobs_fwd(logits [B,T,V], labels [B,T] int64, ref_logits?, ignore_index,
 temperature, softcap, stats) -> (logp, lse, ref_logp, stats)``; ``softcap = 0``
 means none, ``ref_logp``/``stats`` are empty when not requested, ``stats`` is
-``[B, T, 4]``: entropy, argmax hit, mean soft-capped logit, log sum p^2.
+``[B, T, 4]``: entropy, argmax hit, mean over V of z (soft-capped, temperature-scaled), log sum p^2.
 
 ``logprobs_bwd(grad_logp, logits, labels, lse, ...) -> grad_logits`` and the
 in-place ``logprobs_bwd_`` that overwrites ``logits`` with its gradient.

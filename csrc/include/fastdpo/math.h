@@ -30,7 +30,7 @@ namespace fastdpo {
 enum StatIndex : int {
   kStatEntropy = 0,    // -sum_v p_v log p_v
   kStatArgmaxHit = 1,  // 1.0 if the label is the (first) argmax of z, else 0.0
-  kStatMeanLogit = 2,  // mean_v s(x_v): the model's logits after soft cap, before temperature
+  kStatMeanLogit = 2,  // mean_v z_v: the soft-capped, temperature-scaled logits
   kStatLogSumP2 = 3,   // log sum_v p_v^2 (WPO weighting)
   kNumStats = 4,
 };
