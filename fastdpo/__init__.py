@@ -8,10 +8,28 @@ the per-token / per-sequence log-probs those kernels return.
 from fastdpo._backends import Backend, BackendUnavailableError, available_backends
 from fastdpo._build import BuildError
 from fastdpo.ops.logprobs import FusedLogprobs, TokenLogprobs, fused_logprobs, token_logprobs
+from fastdpo.losses import (
+    DPOLoss,
+    DPOOutput,
+    LinearDPOLoss,
+    PairStats,
+    dpo_loss,
+    linear_dpo_loss,
+    register_loss,
+    registered_losses,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DPOLoss",
+    "DPOOutput",
+    "LinearDPOLoss",
+    "PairStats",
+    "dpo_loss",
+    "linear_dpo_loss",
+    "register_loss",
+    "registered_losses",
     "Backend",
     "BackendUnavailableError",
     "BuildError",
