@@ -11,8 +11,10 @@ import torch
 
 def test_bench_cli_tiny(tmp_path):
     p = subprocess.run(
-        [sys.executable, "-m", "fastdpo.bench", "--shapes", "16x300", "--reps", "2", "--warmup", "1",
-         "--providers", "fastdpo-cpu,fastdpo-cpu-inplace,fastdpo-triton,naive,floor", "--out", str(tmp_path)],
+        [sys.executable, "-m", "fastdpo.bench", "--shapes", "16x300", "--linear-shapes", "512x16x300", "--reps", "2",
+         "--warmup", "1", "--providers",
+         "fastdpo-cpu,fastdpo-cpu-inplace,fastdpo-triton,naive,floor,fastdpo-linear-cpu,naive-linear,floor-gemm",
+         "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600,
     )
     assert p.returncode == 0, p.stdout + p.stderr
@@ -29,6 +31,10 @@ def test_bench_cli_tiny(tmp_path):
     assert all(r["median_ms"] > 0 for r in data["results"] if r["provider"] != "floor")
     assert all(r["extra_mb"] is not None for r in data["results"])
     assert (folder / "logprobs.png").stat().st_size > 10_000
+    assert "== linear fwd+bwd fp32 N=512 H=16 V=300" in out
+    lin = json.loads((folder / "linear.json").read_text())
+    assert {r["provider"] for r in lin["results"]} == {"fastdpo-linear-cpu", "naive-linear", "floor-gemm"}
+    assert all("error" not in r for r in lin["results"])
 
 
 def fastdpo_triton_unavailable() -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fastdpo.bench.providers import LOGPROB_PROVIDERS, Case
+from fastdpo.bench.providers import DTYPES, LINEAR_PROVIDERS, LOGPROB_PROVIDERS, Case
 
 CPU_QUICK = [(2048, 32000)]
 # Large vocabularies, scaled down on CPU to about the same number of logits
@@ -29,6 +29,15 @@ CPU_QUICK = [(2048, 32000)]
 CPU_FULL = [(2048, 32000), (512, 128256), (448, 152064), (256, 262144)]
 GPU_QUICK = [(8192, 32000), (8192, 128256)]
 GPU_FULL = [(8192, 32000), (8192, 128256), (8192, 152064), (8192, 262144)]
+# Fused linear (N tokens = 2 * pairs * T, H, V): 4 pairs of 256 tokens on CPU.
+CPU_LINEAR = [(2048, 512, 32000)]
+CPU_LINEAR_FULL = [(2048, 512, 32000), (2048, 512, 128256)]
+GPU_LINEAR = [(8192, 4096, 128256)]
+GPU_LINEAR_FULL = [(8192, 4096, 128256), (8192, 4096, 152064), (8192, 3584, 262144)]
+
+# Peak HBM bandwidth (TB/s) by device name, for the "% of peak" column.
+HBM_PEAK_TBS = {"h200": 4.8, "h100 nvl": 3.9, "h100 pcie": 2.0, "h100": 3.35, "a100-sxm4-80gb": 2.04,
+                "a100 80gb pcie": 1.94, "a100": 1.55, "l40s": 0.864, "a10g": 0.6}
 
 
 def device_name(device: str) -> str:
@@ -63,6 +72,30 @@ def _run_one(provider: str, case: Case, warmup: int, reps: int) -> dict:
     return {"error": f"worker exited with {p.returncode}: {' | '.join(tail)}"}
 
 
+def _hbm_peak(device: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(torch.device(device)).lower()
+    for key, tbs in HBM_PEAK_TBS.items():
+        if key in name:
+            return tbs
+    return None
+
+
+def _throughput(case: Case, ms: float) -> str:
+    """GPU only: GB/s and % of HBM peak for the logits path (fwd: 1 read, bwd: 1 read +
+    1 write, fwd+bwd: 2 reads + 1 write of the logits); TFLOP/s for fused linear."""
+    if not case.device.startswith("cuda"):
+        return ""
+    if case.linear:
+        gemms = {"fwd": 2, "bwd": 2, "fwd+bwd": 4}[case.mode]
+        return f"{gemms * 2 * case.N * case.H * case.V / (ms * 1e-3) / 1e12:8.1f} TFLOP/s"
+    passes = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[case.mode]
+    gbs = passes * case.N * case.V * torch.finfo(DTYPES[case.dtype]).bits / 8 / (ms * 1e-3) / 1e9
+    peak = _hbm_peak(case.device)
+    return f"{gbs:8.0f} GB/s" + (f" {100 * gbs / (peak * 1e3):4.0f}% of peak" if peak else "")
+
+
 def _fmt_table(results: list[dict], cases: list[Case]) -> str:
     lines = []
     hdr = f"{'provider':<22}{'median ms':>11}{'min-max ms':>17}{'vs naive':>10}{'vs floor':>10}{'extra MB':>10}"
@@ -70,8 +103,8 @@ def _fmt_table(results: list[dict], cases: list[Case]) -> str:
         rows = [r for r in results if r["case"] == dataclasses.asdict(case)]
         lines += ["", f"== {case.label()} ({case.device})", hdr]
         by = {r["provider"]: r for r in rows}
-        naive = by.get("naive", {}).get("median_ms")
-        floor = by.get("floor", {}).get("median_ms")
+        naive = (by.get("naive") or by.get("naive-linear") or {}).get("median_ms")
+        floor = (by.get("floor") or by.get("floor-gemm") or {}).get("median_ms")
         for r in rows:
             if "error" in r:
                 lines.append(f"{r['provider']:<22}  error: {r['error'][:90]}")
@@ -81,11 +114,12 @@ def _fmt_table(results: list[dict], cases: list[Case]) -> str:
             vs_floor = f"{m / floor:.2f}" if floor else "-"
             extra = "-" if r.get("extra_mb") is None else f"{r['extra_mb']:.0f}"
             spread = f"{r['min_ms']:.1f}-{r['max_ms']:.1f}"
-            lines.append(f"{r['provider']:<22}{m:>11.1f}{spread:>17}{vs_naive:>10}{vs_floor:>10}{extra:>10}")
+            lines.append(f"{r['provider']:<22}{m:>11.1f}{spread:>17}{vs_naive:>10}{vs_floor:>10}{extra:>10}"
+                         f"  {_throughput(case, m)}".rstrip())
     return "\n".join(lines)
 
 
-def _plot(results: list[dict], cases: list[Case], path: Path, title: str) -> str | None:
+def _plot(results: list[dict], cases: list[Case], path: Path, title: str, family: list, what: str) -> str | None:
     try:
         import matplotlib
 
@@ -93,8 +127,7 @@ def _plot(results: list[dict], cases: list[Case], path: Path, title: str) -> str
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: no plot (pip install matplotlib)"
-    providers = [p.name for p in LOGPROB_PROVIDERS if any(r["provider"] == p.name and "error" not in r
-                                                         for r in results)]
+    providers = [p.name for p in family if any(r["provider"] == p.name and "error" not in r for r in results)]
     fig, axes = plt.subplots(1, 2, figsize=(6 + 2.2 * len(cases), 4.8))
     width = 0.8 / max(1, len(providers))
     for ax, key, ylabel in ((axes[0], "median_ms", "time per step, median (ms)"),
@@ -110,7 +143,7 @@ def _plot(results: list[dict], cases: list[Case], path: Path, title: str) -> str
         ax.set_xticklabels([c.label().replace(" N=", "\nN=") for c in cases], fontsize=8)
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_title("token_logprobs: time (lower is better)")
+    axes[0].set_title(f"{what}: time (lower is better)")
     axes[1].set_title("memory beyond the inputs (lower is better)")
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(title, fontsize=10)
@@ -120,13 +153,56 @@ def _plot(results: list[dict], cases: list[Case], path: Path, title: str) -> str
     return None
 
 
+def _available(family, wanted, device):
+    providers, notes = [], []
+    for p in family:
+        if wanted is not None and p.name not in wanted:
+            continue
+        reason = p.unavailable(device)
+        if reason is None:
+            providers.append(p)
+        else:
+            notes.append(f"skipped {p.name}: {reason.splitlines()[0]}")
+    return providers, notes
+
+
+def _run_suite(name, what, family, cases, args, dev_name, out: Path, argv) -> bool:
+    wanted = set(args.providers.split(",")) if args.providers else None
+    providers, notes = _available(family, wanted, args.device)
+    jobs = [(p, c) for c in cases for p in providers]
+    if not jobs:
+        return True
+    print(f"\n### {what}")
+    for n in notes:
+        print("  " + n)
+    results, t0 = [], time.monotonic()
+    for i, (p, c) in enumerate(jobs, 1):
+        msg = f"[{i}/{len(jobs)}] {c.label():<44} {p.name:<22} {time.monotonic() - t0:5.0f}s"
+        sys.stdout.write(f"\r{msg}" if sys.stdout.isatty() else f"{msg}\n")
+        sys.stdout.flush()
+        res = _run_one(p.name, c, args.warmup, args.reps)
+        results.append({"provider": p.name, "kind": p.kind, "case": dataclasses.asdict(c), **res})
+    if sys.stdout.isatty():
+        sys.stdout.write("\n")
+    print(_fmt_table(results, cases))
+    meta = {"device": dev_name, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "command": "python -m fastdpo.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "notes": notes, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    problem = _plot(results, cases, out / f"{name}.png", f"{dev_name}, torch {torch.__version__}", family, what)
+    print(f"results: {out / (name + '.json')}")
+    print(problem or f"plot:    {out / (name + '.png')}")
+    return not any("error" in r for r in results)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastdpo.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--full", action="store_true", help="all modes (fwd, bwd, fwd+bwd) and large vocabularies")
     ap.add_argument("--dtypes", default="fp32,bf16")
-    ap.add_argument("--shapes", default=None, help="override the sweep, e.g. '2048x32000,512x128256'")
+    ap.add_argument("--shapes", default=None, help="token_logprobs shapes NxV, e.g. '2048x32000,512x128256'")
+    ap.add_argument("--linear-shapes", default=None, help="fused-linear shapes NxHxV ('' to skip), e.g. '2048x512x32000'")
     ap.add_argument("--providers", default=None, help="comma-separated subset of providers")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
@@ -134,13 +210,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     gpu = args.device.startswith("cuda")
-    if args.shapes:
-        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+    parse = lambda text: [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",") if item]  # noqa: E731
+    if args.shapes is not None:
+        shapes = parse(args.shapes)
     else:
         shapes = (GPU_FULL if args.full else GPU_QUICK) if gpu else (CPU_FULL if args.full else CPU_QUICK)
+    if args.linear_shapes is not None:
+        lshapes = parse(args.linear_shapes)
+    else:
+        lshapes = (GPU_LINEAR_FULL if args.full else GPU_LINEAR) if gpu else (CPU_LINEAR_FULL if args.full else CPU_LINEAR)
     modes = ["fwd", "bwd", "fwd+bwd"] if args.full else ["fwd+bwd"]
-    cases = [Case(N, V, dt, mode, args.device) for (N, V) in shapes for dt in args.dtypes.split(",") for mode in modes]
-    wanted = set(args.providers.split(",")) if args.providers else None
+    dtypes = args.dtypes.split(",")
+    cases = [Case(N, V, dt, m, args.device) for (N, V) in shapes for dt in dtypes for m in modes]
+    lcases = [Case(N, V, dt, m, args.device, H=H) for (N, H, V) in lshapes for dt in dtypes for m in modes]
 
     dev_name = device_name(args.device)
     print(f"fastdpo.bench on {dev_name} (torch {torch.__version__}, {torch.get_num_threads()} threads)")
@@ -148,42 +230,15 @@ def main(argv: list[str] | None = None) -> int:
         print("CPU sizes are scaled down to fit the machine; large-vocabulary cases keep N*V near 65M logits.")
     print("Each measurement runs in a fresh process: warm-up/compile, then median of "
           f"{args.reps} runs. Timings on a shared machine are noisy: compare within one run.")
-    providers, notes = [], []
-    for p in LOGPROB_PROVIDERS:
-        if wanted is not None and p.name not in wanted:
-            continue
-        reason = p.unavailable(args.device)
-        if reason is None:
-            providers.append(p)
-        else:
-            notes.append(f"skipped {p.name}: {reason.splitlines()[0]}")
-    for n in notes:
-        print("  " + n)
-
-    jobs = [(p, c) for c in cases for p in providers]
-    results, t0 = [], time.monotonic()
-    for i, (p, c) in enumerate(jobs, 1):
-        msg = f"[{i}/{len(jobs)}] {c.label():<36} {p.name:<22} {time.monotonic() - t0:5.0f}s"
-        sys.stdout.write(f"\r{msg}" if sys.stdout.isatty() else f"{msg}\n")
-        sys.stdout.flush()
-        res = _run_one(p.name, c, args.warmup, args.reps)
-        results.append({"provider": p.name, "kind": p.kind, "case": dataclasses.asdict(c), **res})
-    if sys.stdout.isatty():
-        sys.stdout.write("\n")
-
-    print(_fmt_table(results, cases))
-    print("\nvs naive: speed-up over log_softmax().gather() with autograd; vs floor: time / (the logits' "
-          "unavoidable reads and writes); extra MB: peak resident memory beyond the inputs.")
     out = Path(args.out) / dev_name
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"device": dev_name, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "command": "python -m fastdpo.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "notes": notes, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    (out / "logprobs.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    problem = _plot(results, cases, out / "logprobs.png", f"{dev_name}, torch {torch.__version__}")
-    print(f"\nresults: {out / 'logprobs.json'}")
-    print(problem or f"plot:    {out / 'logprobs.png'}")
-    return 1 if any("error" in r for r in results) else 0
+    ok = _run_suite("logprobs", "token_logprobs (logits in)", LOGPROB_PROVIDERS, cases, args, dev_name, out, argv)
+    ok &= _run_suite("linear", "DPO from hidden states + LM head (policy fwd+bwd, reference fwd)", LINEAR_PROVIDERS,
+                     lcases, args, dev_name, out, argv)
+    print("\nvs naive: speed-up over plain torch with autograd (log_softmax().gather(); for fused linear the full "
+          "logits); vs floor: time / the unavoidable work (logits path: reading the logits and writing their "
+          "gradient; fused linear: the 4 GEMMs); extra MB: peak memory beyond the inputs.")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

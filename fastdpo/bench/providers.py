@@ -26,8 +26,16 @@ class Case:
     mode: str  # "fwd", "bwd" or "fwd+bwd"
     device: str = "cpu"
     seed: int = 0
+    H: int = 0  # hidden size: > 0 for the fused-linear (hidden states + LM head) benchmark
+    T: int = 256  # sequence length of the fused-linear batch (N = 2 * pairs * T)
+
+    @property
+    def linear(self) -> bool:
+        return self.H > 0
 
     def label(self) -> str:
+        if self.linear:
+            return f"linear {self.mode} {self.dtype} N={self.N} H={self.H} V={self.V}"
         return f"{self.mode} {self.dtype} N={self.N} V={self.V}"
 
 
@@ -169,4 +177,143 @@ LOGPROB_PROVIDERS: list[Provider] = [
     Provider("floor", "floor", _floor),
 ]
 
-PROVIDERS = {p.name: p for p in LOGPROB_PROVIDERS}
+
+# ----------------------------------------------------------------------------- fused linear
+# DPO (sigmoid, beta = 0.1) from hidden states and the LM head, policy forward +
+# backward and reference forward, as a trainer step runs it. The batch is
+# [chosen; rejected], T tokens each, the first quarter of every sequence prompt.
+
+
+def _linear_inputs(case: Case):
+    g = torch.Generator(device="cpu").manual_seed(case.seed)
+    dt = DTYPES[case.dtype]
+    seqs = case.N // case.T
+    if seqs < 2 or seqs % 2:
+        raise ValueError(f"fused-linear case needs N = 2 * pairs * T; got N={case.N}, T={case.T}")
+    h = (torch.randn(seqs, case.T, case.H, generator=g)).to(case.device, dt).requires_grad_()
+    rh = (torch.randn(seqs, case.T, case.H, generator=g)).to(case.device, dt)
+    w = (torch.randn(case.V, case.H, generator=g) / case.H**0.5).to(case.device, dt).requires_grad_()
+    y = torch.randint(0, case.V, (seqs, case.T), generator=g).to(case.device)
+    y[:, : case.T // 4] = -100
+    return h, rh, w, y
+
+
+def _sigmoid_dpo(logps: torch.Tensor, ref: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+    n = logps.shape[0] // 2
+    d = (logps[:n] - ref[:n]) - (logps[n:] - ref[n:])
+    return -torch.nn.functional.logsigmoid(beta * d).mean()
+
+
+def _linear_step(loss_fn: Callable, case: Case) -> Callable[[], None]:
+    """``loss_fn(h, rh, w, y) -> loss``; fwd runs it without grad, fwd+bwd with backward."""
+    h, rh, w, y = _linear_inputs(case)
+    if case.mode == "fwd":
+        def step():
+            with torch.no_grad():
+                loss_fn(h, rh, w, y)
+        return step
+
+    def step():
+        h.grad = w.grad = None
+        loss_fn(h, rh, w, y).backward()
+
+    if case.mode == "fwd+bwd":
+        return step
+
+    def prepare():
+        h.grad = w.grad = None
+        timed.pending = loss_fn(h, rh, w, y)
+
+    def timed():
+        timed.pending.backward()
+
+    timed.prepare = prepare
+    return timed
+
+
+def _fastdpo_linear(backend: str, device: str):
+    import fastdpo
+    from fastdpo import _backends
+
+    _backends.resolve(backend, torch.device(device))
+
+    def loss(h, rh, w, y):
+        return fastdpo.linear_dpo_loss(h, w, y, ref_hidden=rh, loss_type="sigmoid", beta=0.1, backend=backend).loss
+
+    return loss
+
+
+def _naive_linear(h, rh, w, y):
+    mask = y != -100
+
+    def seq_logps(hid, weight):
+        lp = torch.log_softmax((hid @ weight.T).float(), -1).gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (lp * mask).sum(-1)
+
+    with torch.no_grad():
+        ref = seq_logps(rh, w)
+    return _sigmoid_dpo(seq_logps(h, w), ref)
+
+
+def _trl_chunked():
+    from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE, ChunkedLogProbFunction
+
+    def loss(h, rh, w, y):
+        mask = y != -100
+        H = h.shape[-1]
+
+        def seq_logps(hid, weight):
+            lp = ChunkedLogProbFunction.apply(hid.reshape(-1, H), weight, None, y.clamp(min=0).reshape(-1), 1.0,
+                                              TOKEN_CHUNK_SIZE, None, 1.0, ())[0]
+            return (lp.view(y.shape) * mask).sum(-1)
+
+        with torch.no_grad():
+            ref = seq_logps(rh, w)
+        return _sigmoid_dpo(seq_logps(h, w), ref)
+
+    return loss
+
+
+def _liger_dpo():
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    mod = LigerFusedLinearDPOLoss(beta=0.1, use_ref_model=True)
+
+    def loss(h, rh, w, y):
+        return mod(w, h, y, ref_input=rh, ref_weight=w.detach())[0]
+
+    return loss
+
+
+def _gemm_floor(case: Case) -> Callable[[], None]:
+    """The GEMMs no exact method avoids: policy logits, their two gradients
+    (w.r.t. hidden and weight) and the reference logits."""
+    h, rh, w, _ = _linear_inputs(case)
+    h2, rh2, wd = h.detach().reshape(-1, case.H), rh.reshape(-1, case.H), w.detach()
+    if case.mode == "fwd":
+        return lambda: (h2 @ wd.T, rh2 @ wd.T)
+
+    def step():
+        g = h2 @ wd.T  # stands in for the logits gradient
+        g @ wd
+        g.T @ h2
+        if case.mode == "fwd+bwd":
+            rh2 @ wd.T
+
+    return step
+
+
+LINEAR_PROVIDERS: list[Provider] = [
+    Provider("fastdpo-linear-cpu", "fastdpo", lambda c: _linear_step(_fastdpo_linear("cpu", c.device), c),
+             _fastdpo_unavailable("cpu")),
+    Provider("fastdpo-linear-triton", "fastdpo", lambda c: _linear_step(_fastdpo_linear("triton", c.device), c),
+             _fastdpo_unavailable("triton")),
+    Provider("fastdpo-linear-cuda", "fastdpo", lambda c: _linear_step(_fastdpo_linear("cuda", c.device), c),
+             _fastdpo_unavailable("cuda")),
+    Provider("naive-linear", "anchor", lambda c: _linear_step(_naive_linear, c)),
+    Provider("trl-chunked", "anchor", lambda c: _linear_step(_trl_chunked(), c), _missing("trl", "trl")),
+    Provider("liger-dpo", "anchor", lambda c: _linear_step(_liger_dpo(), c), _missing("liger_kernel", "liger-kernel")),
+    Provider("floor-gemm", "floor", _gemm_floor),
+]
+
+PROVIDERS = {p.name: p for p in LOGPROB_PROVIDERS + LINEAR_PROVIDERS}
