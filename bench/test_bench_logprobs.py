@@ -11,34 +11,23 @@ are skipped with their reason.
 from __future__ import annotations
 
 import pytest
-import torch
+from conftest import run_benchmark
 
 from fastdpo.bench.providers import Case
 
-CPU_SHAPES = [(2048, 32000), (512, 128256), (256, 262144)]
-GPU_SHAPES = [(8192, 32000), (8192, 128256), (8192, 262144)]
+# CPU sizes are scaled down to about the same number of logits (N * V ~ 65M).
+CPU_SHAPES = [(2048, 32000), (512, 128256), (448, 152064), (256, 262144)]
+GPU_SHAPES = [(8192, 32000), (8192, 128256), (8192, 152064), (8192, 262144)]
 
 
 @pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd+bwd"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("shape", range(3), ids=["32k", "128k", "256k"])
-def test_token_logprobs(benchmark, provider, mode, dtype, shape, device):
+@pytest.mark.parametrize("shape", range(4), ids=["32k", "128k", "152k", "256k"])
+def test_token_logprobs(benchmark, logprob_provider, mode, dtype, shape, device):
+    provider = logprob_provider
     reason = provider.unavailable(device)
     if reason is not None:
         pytest.skip(f"{provider.name}: {reason.splitlines()[0]}")
     N, V = (GPU_SHAPES if device == "cuda" else CPU_SHAPES)[shape]
     step = provider.build(Case(N, V, dtype, mode, device))
-    prepare = getattr(step, "prepare", None)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def setup():
-        if prepare is not None:
-            prepare()
-        sync()
-
-    def run():
-        step()
-        sync()
-
-    benchmark.extra_info.update({"N": N, "V": V, "dtype": dtype, "mode": mode, "device": device})
-    benchmark.pedantic(run, setup=setup, rounds=5, warmup_rounds=1)
+    run_benchmark(benchmark, step, device, {"N": N, "V": V, "dtype": dtype, "mode": mode, "device": device})

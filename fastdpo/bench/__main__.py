@@ -29,9 +29,11 @@ CPU_QUICK = [(2048, 32000)]
 CPU_FULL = [(2048, 32000), (512, 128256), (448, 152064), (256, 262144)]
 GPU_QUICK = [(8192, 32000), (8192, 128256)]
 GPU_FULL = [(8192, 32000), (8192, 128256), (8192, 152064), (8192, 262144)]
-# Fused linear (N tokens = 2 * pairs * T, H, V): 4 pairs of 256 tokens on CPU.
-CPU_LINEAR = [(2048, 512, 32000)]
-CPU_LINEAR_FULL = [(2048, 512, 32000), (2048, 512, 128256)]
+# Fused linear (N tokens = 2 * pairs * T, H, V). CPU GEMMs are slow (and bf16 ones
+# much slower without native bf16 units), so the quick CPU sweep is one small
+# fp32 point; --full adds 4 pairs of 256 tokens with H = 512 in fp32 and bf16.
+CPU_LINEAR = [(512, 256, 32000)]
+CPU_LINEAR_FULL = [(512, 256, 32000), (2048, 512, 32000)]
 GPU_LINEAR = [(8192, 4096, 128256)]
 GPU_LINEAR_FULL = [(8192, 4096, 128256), (8192, 4096, 152064), (8192, 3584, 262144)]
 
@@ -116,6 +118,13 @@ def _fmt_table(results: list[dict], cases: list[Case]) -> str:
             spread = f"{r['min_ms']:.1f}-{r['max_ms']:.1f}"
             lines.append(f"{r['provider']:<22}{m:>11.1f}{spread:>17}{vs_naive:>10}{vs_floor:>10}{extra:>10}"
                          f"  {_throughput(case, m)}".rstrip())
+        ok = [r for r in rows if "error" not in r]
+        ours = [r for r in ok if r["kind"] == "fastdpo" and not r["provider"].endswith("-torch")]
+        anchors = [r for r in ok if r["kind"] == "anchor"]
+        if ours and anchors:
+            best = min(ours, key=lambda r: r["median_ms"])
+            ratios = ", ".join(f"{a['median_ms'] / best['median_ms']:.2f}x vs {a['provider']}" for a in anchors)
+            lines.append(f"fastest fastdpo ({best['provider']}): {ratios}")
     return "\n".join(lines)
 
 
@@ -201,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--full", action="store_true", help="all modes (fwd, bwd, fwd+bwd) and large vocabularies")
     ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--linear-dtypes", default=None, help="fused-linear dtypes (default: fp32 on a CPU quick sweep, "
+                    "else --dtypes)")
     ap.add_argument("--shapes", default=None, help="token_logprobs shapes NxV, e.g. '2048x32000,512x128256'")
     ap.add_argument("--linear-shapes", default=None, help="fused-linear shapes NxHxV ('' to skip), e.g. '2048x512x32000'")
     ap.add_argument("--providers", default=None, help="comma-separated subset of providers")
@@ -222,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = ["fwd", "bwd", "fwd+bwd"] if args.full else ["fwd+bwd"]
     dtypes = args.dtypes.split(",")
     cases = [Case(N, V, dt, m, args.device) for (N, V) in shapes for dt in dtypes for m in modes]
-    lcases = [Case(N, V, dt, m, args.device, H=H) for (N, H, V) in lshapes for dt in dtypes for m in modes]
+    ldtypes = (args.linear_dtypes or ("fp32" if not gpu and not args.full else args.dtypes)).split(",")
+    lcases = [Case(N, V, dt, m, args.device, H=H) for (N, H, V) in lshapes for dt in ldtypes for m in modes]
 
     dev_name = device_name(args.device)
     print(f"fastdpo.bench on {dev_name} (torch {torch.__version__}, {torch.get_num_threads()} threads)")
