@@ -1,9 +1,119 @@
-"""Triton backend (not implemented yet): asking for it raises a clear error."""
+"""Triton backend: the kernels of ``kernels/triton_logprobs.py`` registered as
+``torch.library.triton_op`` ops (``fastdpo::logprobs_fwd_triton``,
+``logprobs_bwd_triton`` and the in-place ``logprobs_bwd_triton_``), so
+``torch.compile`` can trace them.
+
+Runs on CUDA tensors; on CPU tensors only under ``TRITON_INTERPRET=1`` (the
+Triton interpreter, slow, for testing), which must be set before the kernels
+are first used.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from typing import Optional
+
 import torch
+
+_ops = None
 
 
 def unavailable_reason(device: torch.device) -> str | None:
-    return "the triton backend is not implemented in this version of fastdpo"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if not hasattr(torch.library, "triton_op"):
+        return f"torch {torch.__version__} has no torch.library.triton_op (needs torch >= 2.6)"
+    if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        _get_ops()  # define the ops now (eagerly), so torch.compile only ever sees torch.ops calls
+        return None
+    return (f"the triton backend runs on CUDA tensors, got a {device.type} tensor "
+            "(set TRITON_INTERPRET=1 before the first call to run it on CPU through the interpreter)")
+
+
+def _block(V: int) -> int:
+    import triton
+
+    return min(triton.next_power_of_2(V), 4096)
+
+
+def _warps(block: int) -> int:
+    return 4 if block <= 1024 else 8
+
+
+def _define_ops():
+    import triton
+    from torch.library import triton_op, wrap_triton
+
+    from fastdpo.kernels import triton_logprobs as k
+
+    def consts(temperature: float, softcap: float):
+        return 1.0 / temperature, softcap, (1.0 / softcap if softcap > 0 else 0.0), softcap > 0
+
+    @triton_op("fastdpo::logprobs_fwd_triton", mutates_args=())
+    def fwd(logits: torch.Tensor, labels: torch.Tensor, ref_logits: Optional[torch.Tensor], ignore_index: int,
+            temperature: float, softcap: float, stats: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, V = logits.shape
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        logp = torch.zeros(B, T, dtype=acc, device=logits.device)
+        lse = torch.zeros_like(logp)
+        ref = torch.zeros_like(logp) if ref_logits is not None else logp.new_empty(0)
+        st = torch.zeros(B, T, 4, dtype=acc, device=logits.device) if stats else logp.new_empty(0)
+        if B * T:
+            inv_t, cap, inv_cap, has_cap = consts(temperature, softcap)
+            r = ref_logits if ref_logits is not None else logits
+            block = _block(V)
+            wrap_triton(k.logprobs_fwd_kernel)[(B * T,)](
+                logits, r, labels, logp, lse, ref if ref_logits is not None else logp, st if stats else logp,
+                T, logits.stride(0), logits.stride(1), r.stride(0), r.stride(1), V, ignore_index, inv_t, cap,
+                inv_cap, BLOCK=block, HAS_CAP=has_cap, STATS=stats, HAS_REF=ref_logits is not None,
+                num_warps=_warps(block),
+            )
+        return logp, lse, ref, st
+
+    def launch_bwd(grad, logits, labels, lse, out, ignore_index, temperature, softcap):
+        B, T, V = logits.shape
+        if B * T == 0:
+            return
+        inv_t, cap, inv_cap, has_cap = consts(temperature, softcap)
+        block = _block(V)
+        grid = (B * T, triton.cdiv(V, block))
+        wrap_triton(k.logprobs_bwd_kernel)[grid](
+            grad, logits, labels, lse, out, T, logits.stride(0), logits.stride(1), out.stride(0), out.stride(1),
+            V, ignore_index, inv_t, cap, inv_cap, BLOCK=block, HAS_CAP=has_cap, num_warps=_warps(block),
+        )
+
+    @triton_op("fastdpo::logprobs_bwd_triton", mutates_args=())
+    def bwd(grad_logp: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+            ignore_index: int, temperature: float, softcap: float) -> torch.Tensor:
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        launch_bwd(grad_logp, logits, labels, lse, out, ignore_index, temperature, softcap)
+        return out
+
+    @triton_op("fastdpo::logprobs_bwd_triton_", mutates_args=("logits",))
+    def bwd_inplace(grad_logp: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                    ignore_index: int, temperature: float, softcap: float) -> None:
+        launch_bwd(grad_logp, logits, labels, lse, logits, ignore_index, temperature, softcap)
+
+    return fwd, bwd, bwd_inplace
+
+
+def _get_ops():
+    global _ops
+    if _ops is None:
+        _ops = _define_ops()
+    return _ops
+
+
+def logprobs_fwd(logits, labels, ref_logits, ignore_index, temperature, softcap, stats):
+    if logits.dtype == torch.float64:
+        raise TypeError("fastdpo: the triton backend takes float32, bfloat16 or float16 logits, got float64")
+    return torch.ops.fastdpo.logprobs_fwd_triton(logits, labels, ref_logits, ignore_index, temperature, softcap, stats)
+
+
+def logprobs_bwd(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, inplace):
+    if inplace:
+        torch.ops.fastdpo.logprobs_bwd_triton_(grad_logp, logits, labels, lse, ignore_index, temperature, softcap)
+        return logits
+    return torch.ops.fastdpo.logprobs_bwd_triton(grad_logp, logits, labels, lse, ignore_index, temperature, softcap)

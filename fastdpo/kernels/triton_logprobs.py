@@ -1,0 +1,138 @@
+"""Triton kernels of the fused log-prob ops (imported lazily by ``kernels/triton.py``).
+
+Forward: one program per token row walks the vocabulary in blocks, keeping the
+online max / sum-exp (and, for statistics, ``sum e (z - m)``, ``sum e^2``, the
+sum of z and the first argmax), reads the label logit, and folds the reference
+row in the same launch. Backward: a 2-D grid (rows x vocabulary blocks) writes
+``g (onehot - softmax(z)) dz/dx``, optionally into the logits themselves.
+Math in fp32, row offsets in int64. Same definitions as ``kernels/reference.py``
+and ``csrc/include/fastdpo/math.h``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _transform(x, inv_t, softcap, inv_softcap, HAS_CAP: tl.constexpr):
+    """z = s(x) / T and dz/dx, with s(x) = c tanh(x / c) written through
+    e = exp(-2|x|/c): tanh = (1 - e) / (1 + e), 1 - tanh^2 = 4e / (1 + e)^2."""
+    if HAS_CAP:
+        e = tl.exp(-2.0 * tl.abs(x) * inv_softcap)
+        inv = 1.0 / (1.0 + e)
+        th = (1.0 - e) * inv
+        z = softcap * tl.where(x < 0, -th, th) * inv_t
+        dz = 4.0 * e * inv * inv * inv_t
+    else:
+        z = x * inv_t
+        dz = tl.full(x.shape, 1.0, tl.float32) * inv_t
+    return z, dz
+
+
+@triton.jit
+def _row_reduce(row_ptr, V, inv_t, softcap, inv_softcap, BLOCK: tl.constexpr, HAS_CAP: tl.constexpr,
+                STATS: tl.constexpr):
+    """Online log-sum-exp over one row. Returns (lse, entropy, log sum p^2, mean z,
+    first argmax, nan count); the statistics only when STATS."""
+    m = -float("inf")
+    s = 0.0
+    sz = 0.0  # sum e (z - m): entropy = log s - sz / s
+    s2 = 0.0  # sum e^2:       log sum p^2 = log s2 - 2 log s
+    zsum = 0.0
+    best = -float("inf")
+    best_idx = 0
+    nans = 0
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        valid = cols < V
+        x = tl.load(row_ptr + cols, mask=valid, other=0.0).to(tl.float32)
+        z, _ = _transform(x, inv_t, softcap, inv_softcap, HAS_CAP)
+        nans += tl.sum(((z != z) & valid).to(tl.int32), axis=0)
+        zm = tl.where(valid & (z == z), z, -float("inf"))
+        bm = tl.max(zm, axis=0)
+        new_m = tl.maximum(m, bm)
+        if new_m != -float("inf"):
+            f_old = tl.where(m == -float("inf"), 0.0, tl.exp(m - new_m))
+            d = zm - new_m
+            e = tl.where(zm == -float("inf"), 0.0, tl.exp(d))
+            if STATS:
+                shift = tl.where(m == -float("inf"), 0.0, m - new_m)
+                sz = f_old * (sz + s * shift) + tl.sum(tl.where(e > 0, e * d, 0.0), axis=0)
+                s2 = s2 * f_old * f_old + tl.sum(e * e, axis=0)
+            s = s * f_old + tl.sum(e, axis=0)
+            m = new_m
+        if STATS:
+            zsum += tl.sum(tl.where(valid, z, 0.0), axis=0)
+            idx = tl.min(tl.where(zm == bm, cols, V), axis=0)
+            take = bm > best
+            best_idx = tl.where(take, idx, best_idx)
+            best = tl.where(take, bm, best)
+    lse = m + tl.log(s)
+    if STATS:
+        ent = tl.log(s) - sz / s
+        lsp2 = tl.log(s2) - 2.0 * tl.log(s)
+    else:
+        ent = 0.0
+        lsp2 = 0.0
+    return lse, ent, lsp2, zsum / V, best_idx, nans
+
+
+@triton.jit
+def logprobs_fwd_kernel(
+    x_ptr, r_ptr, y_ptr, logp_ptr, lse_ptr, ref_ptr, st_ptr,
+    T, sxb, sxt, srb, srt, V, ignore_index, inv_t, softcap, inv_softcap,
+    BLOCK: tl.constexpr, HAS_CAP: tl.constexpr, STATS: tl.constexpr, HAS_REF: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(y_ptr + row)
+    if label == ignore_index:
+        return  # outputs were zero-initialised
+    b = row // T
+    t = row % T
+    x_row = x_ptr + b * sxb + t * sxt
+    lse, ent, lsp2, zmean, best_idx, nans = _row_reduce(x_row, V, inv_t, softcap, inv_softcap, BLOCK, HAS_CAP, STATS)
+    safe = tl.minimum(tl.maximum(label, 0), V - 1)  # the Python layer rejects out-of-range labels
+    z_y, _ = _transform(tl.load(x_row + safe).to(tl.float32), inv_t, softcap, inv_softcap, HAS_CAP)
+    nan = float("nan")
+    bad = nans > 0
+    lse = tl.where(bad, nan, lse)
+    tl.store(lse_ptr + row, lse)
+    tl.store(logp_ptr + row, z_y - lse)
+    if STATS:
+        tl.store(st_ptr + row * 4 + 0, tl.where(bad, nan, ent))
+        tl.store(st_ptr + row * 4 + 1, tl.where(bad, nan, (best_idx == label).to(tl.float32)))
+        tl.store(st_ptr + row * 4 + 2, tl.where(bad, nan, zmean))
+        tl.store(st_ptr + row * 4 + 3, tl.where(bad, nan, lsp2))
+    if HAS_REF:
+        r_row = r_ptr + b * srb + t * srt
+        rlse, _, _, _, _, rnans = _row_reduce(r_row, V, inv_t, softcap, inv_softcap, BLOCK, HAS_CAP, False)
+        rz_y, _ = _transform(tl.load(r_row + safe).to(tl.float32), inv_t, softcap, inv_softcap, HAS_CAP)
+        tl.store(ref_ptr + row, tl.where(rnans > 0, nan, rz_y - rlse))
+
+
+@triton.jit
+def logprobs_bwd_kernel(
+    g_ptr, x_ptr, y_ptr, lse_ptr, out_ptr,
+    T, sxb, sxt, sob, sot, V, ignore_index, inv_t, softcap, inv_softcap,
+    BLOCK: tl.constexpr, HAS_CAP: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = cols < V
+    b = row // T
+    t = row % T
+    label = tl.load(y_ptr + row)
+    g = tl.load(g_ptr + row)
+    o_row = out_ptr + b * sob + t * sot
+    if (label == ignore_index) | (g == 0.0):
+        tl.store(o_row + cols, tl.zeros([BLOCK], dtype=tl.float32).to(out_ptr.dtype.element_ty), mask=valid)
+    else:
+        lse = tl.load(lse_ptr + row)
+        x = tl.load(x_ptr + b * sxb + t * sxt + cols, mask=valid, other=0.0).to(tl.float32)
+        z, dz = _transform(x, inv_t, softcap, inv_softcap, HAS_CAP)
+        p = tl.exp(z - lse)
+        onehot = (cols == label).to(tl.float32)
+        grad = g * (onehot - p) * dz
+        tl.store(o_row + cols, grad.to(out_ptr.dtype.element_ty), mask=valid)
