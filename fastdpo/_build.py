@@ -152,6 +152,11 @@ def cuda_archs() -> list[str]:
     return archs
 
 
+def torch_arch_list() -> str:
+    """FASTDPO_CUDA_ARCHS ("80;90a") in TORCH_CUDA_ARCH_LIST form ("8.0;9.0a")."""
+    return ";".join(f"{a[:-1]}.{a[-1]}" if a[-1].isdigit() else f"{a[:-2]}.{a[-2:]}" for a in cuda_archs())
+
+
 def _cpu_features() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -181,15 +186,13 @@ def _flags(spec: ExtSpec) -> dict[str, list[str]]:
     cflags += arch.split()
     flags = {"extra_cflags": cflags, "extra_include_paths": [inc], "extra_cuda_cflags": [], "extra_ldflags": ["-fopenmp"]}
     if spec.cuda:
-        gencode = []
-        for a in cuda_archs():
-            gencode += [f"-gencode=arch=compute_{a},code=sm_{a}"]
+        # Target architectures reach nvcc through TORCH_CUDA_ARCH_LIST (set for the
+        # build process from FASTDPO_CUDA_ARCHS), so torch adds no others.
         flags["extra_cuda_cflags"] = [
             "-O3",
             "--expt-relaxed-constexpr",
-            "-Xcompiler=-Wall,-Wextra,-Wno-unused-parameter",
+            "-Xcompiler=-Wall,-Wextra,-Wno-unused-parameter,-Werror",
             "--Werror=all-warnings",
-            *gencode,
         ]
         flags["extra_include_paths"] += _pip_cuda_include_dirs()
     return flags
@@ -280,6 +283,8 @@ args = json.loads(sys.argv[1])
 if args.get("cuda_home"):
     os.environ["CUDA_HOME"] = args["cuda_home"]
     cpp_extension.CUDA_HOME = args["cuda_home"]
+if args.get("arch_list"):
+    os.environ["TORCH_CUDA_ARCH_LIST"] = args["arch_list"]
 os.environ.setdefault("MAX_JOBS", str(max(1, os.cpu_count() or 1)))
 # Build and link (loading it here is harmless); the parent loads it from the cache.
 cpp_extension.load(
@@ -302,6 +307,7 @@ def _compile(spec: ExtSpec, entry: Path) -> None:
         "build_dir": str(tmp),
         "with_cuda": spec.cuda,
         "cuda_home": cuda_home() if spec.cuda else None,
+        "arch_list": torch_arch_list() if spec.cuda else None,
         **_flags(spec),
     }
     if spec.cuda and not args["cuda_home"]:
@@ -412,6 +418,7 @@ def setuptools_extensions(csrc: Path):
         cls = CUDAExtension if spec.cuda else CppExtension
         if spec.cuda:
             os.environ.setdefault("CUDA_HOME", cuda_home())
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", torch_arch_list())
         exts.append(
             cls(
                 name=f"fastdpo._C_{key}",

@@ -1,9 +1,32 @@
-"""CUDA C++ backend (not implemented yet): asking for it raises a clear error."""
+"""CUDA C++ backend: kernels in ``csrc/cuda``, registered as the CUDA
+implementation of the ``fastdpo::logprobs_*`` ops (one op name per device)."""
 
 from __future__ import annotations
 
 import torch
 
+from fastdpo import _build
+
 
 def unavailable_reason(device: torch.device) -> str | None:
-    return "the cuda backend is not implemented in this version of fastdpo"
+    if device.type != "cuda":
+        return f"the cuda backend runs on CUDA tensors only, got a {device.type} tensor"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    if not torch.version.cuda:
+        return "this torch is not a CUDA build"
+    if _build.cuda_home() is None:
+        return "no CUDA toolkit found to build the extension (set CUDA_HOME or put nvcc on PATH)"
+    _build.load_extension("cuda")  # raises BuildError with the log path on failure
+    return None
+
+
+def logprobs_fwd(logits, labels, ref_logits, ignore_index, temperature, softcap, stats):
+    return torch.ops.fastdpo.logprobs_fwd(logits, labels, ref_logits, ignore_index, temperature, softcap, stats)
+
+
+def logprobs_bwd(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, inplace):
+    if inplace:
+        torch.ops.fastdpo.logprobs_bwd_(grad_logp, logits, labels, lse, ignore_index, temperature, softcap)
+        return logits
+    return torch.ops.fastdpo.logprobs_bwd(grad_logp, logits, labels, lse, ignore_index, temperature, softcap)

@@ -1,0 +1,110 @@
+// Thin binding: registers the CUDA kernels as the CUDA implementation of the
+// fastdpo:: ops (the schemas live in fastdpo/ops/schema.py), on torch's
+// current stream, with a device guard and the shared boundary checks.
+// Label ranges are checked by the Python layer (here that would need a host
+// synchronisation); the kernels clamp the index they read and return NaN for
+// an out-of-range label instead of reading out of bounds.
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "fastdpo/checks.h"
+#include "logprobs_cuda.cuh"
+
+namespace fastdpo {
+namespace {
+
+cuda::DType to_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return cuda::DType::kFloat;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    case at::kHalf: return cuda::DType::kHalf;
+    default: TORCH_CHECK(false, "fastdpo: the cuda backend takes float32, bfloat16 or float16 logits, got ", t.scalar_type());
+  }
+}
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "fastdpo: launching the ", what, " kernel failed: ", cudaGetErrorString(err));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(
+    const at::Tensor& logits, const at::Tensor& labels, const c10::optional<at::Tensor>& ref_logits,
+    int64_t ignore_index, double temperature, double softcap, bool stats) {
+  check_fwd(logits, labels, ref_logits, temperature, softcap);
+  const auto dtype = to_dtype(logits);
+  TORCH_CHECK(!ref_logits.has_value() || ref_logits->scalar_type() == logits.scalar_type(),
+              "fastdpo: ref_logits must have the dtype of logits (", logits.scalar_type(), ")");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
+  auto opts = logits.options().dtype(at::kFloat);
+  at::Tensor logp = at::zeros({B, T}, opts), lse = at::zeros({B, T}, opts);
+  at::Tensor ref = ref_logits.has_value() ? at::zeros({B, T}, opts) : at::empty({0}, opts);
+  at::Tensor st = stats ? at::zeros({B, T, kNumStats}, opts) : at::empty({0}, opts);
+  const at::Tensor lab = labels.contiguous();
+  cuda::FwdArgs a{};
+  a.x = logits.const_data_ptr();
+  a.r = ref_logits.has_value() ? ref_logits->const_data_ptr() : nullptr;
+  a.labels = lab.const_data_ptr<int64_t>();
+  a.logp = logp.mutable_data_ptr<float>();
+  a.lse = lse.mutable_data_ptr<float>();
+  a.ref_logp = ref_logits.has_value() ? ref.mutable_data_ptr<float>() : nullptr;
+  a.stats = stats ? st.mutable_data_ptr<float>() : nullptr;
+  a.B = B;
+  a.T = T;
+  a.V = V;
+  a.sxb = logits.stride(0);
+  a.sxt = logits.stride(1);
+  a.srb = ref_logits.has_value() ? ref_logits->stride(0) : 0;
+  a.srt = ref_logits.has_value() ? ref_logits->stride(1) : 0;
+  a.ignore_index = ignore_index;
+  a.tf = make_transform(float(temperature), float(softcap));
+  check_cuda(cuda::launch_logprobs_fwd(a, dtype, stats, at::cuda::getCurrentCUDAStream()), "forward");
+  return {logp, lse, ref, st};
+}
+
+void bwd_into(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+              int64_t ignore_index, double temperature, double softcap, const at::Tensor& out) {
+  check_bwd(grad_logp, logits, labels, lse, temperature, softcap);
+  const auto dtype = to_dtype(logits);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::Tensor g = grad_logp.contiguous(), l = lse.contiguous(), lab = labels.contiguous();
+  cuda::BwdArgs a{};
+  a.grad = g.const_data_ptr<float>();
+  a.x = logits.const_data_ptr();
+  a.labels = lab.const_data_ptr<int64_t>();
+  a.lse = l.const_data_ptr<float>();
+  a.out = out.mutable_data_ptr();
+  a.B = logits.size(0);
+  a.T = logits.size(1);
+  a.V = logits.size(2);
+  a.sxb = logits.stride(0);
+  a.sxt = logits.stride(1);
+  a.sob = out.stride(0);
+  a.sot = out.stride(1);
+  a.ignore_index = ignore_index;
+  a.tf = make_transform(float(temperature), float(softcap));
+  check_cuda(cuda::launch_logprobs_bwd(a, dtype, at::cuda::getCurrentCUDAStream()), "backward");
+}
+
+at::Tensor logprobs_bwd_cuda(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
+                             const at::Tensor& lse, int64_t ignore_index, double temperature, double softcap) {
+  at::Tensor out = at::empty(logits.sizes(), logits.options());
+  bwd_into(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, out);
+  return out;
+}
+
+void logprobs_bwd_inplace_cuda(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
+                               const at::Tensor& lse, int64_t ignore_index, double temperature, double softcap) {
+  bwd_into(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, logits);
+}
+
+}  // namespace
+}  // namespace fastdpo
+
+TORCH_LIBRARY_IMPL(fastdpo, CUDA, m) {
+  m.impl("logprobs_fwd", &fastdpo::logprobs_fwd_cuda);
+  m.impl("logprobs_bwd", &fastdpo::logprobs_bwd_cuda);
+  m.impl("logprobs_bwd_", &fastdpo::logprobs_bwd_inplace_cuda);
+}
