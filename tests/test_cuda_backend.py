@@ -85,3 +85,19 @@ def test_gpu_bitwise_reproducible_and_strided():
     assert torch.equal(a[0].logps, b[0].logps) and torch.equal(a[1], b[1])
     t = _run("torch", sl, ys, ws)
     assert torch.allclose(a[0].logps, t[0].logps, atol=2e-2)
+
+
+@needs_toolkit
+def test_a_warning_in_our_cuda_sources_fails_the_build(tmp_path):
+    """The flags the extension is built with turn warnings in our sources into errors."""
+    import subprocess
+
+    spec = _build.EXTENSIONS["cuda"]
+    flags = _build._flags(spec)["extra_cuda_cflags"]
+    src = tmp_path / "warn.cu"
+    src.write_text("__global__ void k(float* p) { int unused = 0; p[0] = 1.f; }\n")
+    nvcc = str(Path(_build.cuda_home()) / "bin" / "nvcc")
+    base = [nvcc, "-c", str(src), "-o", str(tmp_path / "warn.o"), "-gencode=arch=compute_80,code=sm_80"]
+    assert subprocess.run(base, capture_output=True).returncode == 0  # a plain build accepts it
+    p = subprocess.run(base + flags, capture_output=True, text=True)
+    assert p.returncode != 0 and "unused" in (p.stdout + p.stderr)

@@ -331,3 +331,13 @@ def test_cpu_gradient_buffer_reuse_never_aliases_a_live_gradient():
         xx = x.clone().requires_grad_()
         (fastdpo.token_logprobs(xx, y, backend="cpu") * w).sum().backward()
         assert err(xx.grad.double(), g_t) < 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_largest_vocabulary(backend):
+    x, y, w = make_case((1, 2), 262144, torch.bfloat16, ignore_frac=0.0)
+    lp_t, g_t = truth(x, y, w)
+    lp_n, g_n = run(naive_logprobs, x, y, w)
+    lp_k, g_k = run(lambda a, b: fastdpo.token_logprobs(a, b, backend=backend), x, y, w)
+    assert err(lp_k, lp_t) <= K * err(lp_n, lp_t) + TOL[torch.bfloat16]
+    assert err(g_k, g_t) <= K * err(g_n, g_t) + TOL[torch.bfloat16]
