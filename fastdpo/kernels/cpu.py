@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from fastdpo import _build
+from fastdpo.kernels._native import logprobs_bwd, logprobs_fwd  # noqa: F401  (the kernel contract)
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -14,13 +15,3 @@ def unavailable_reason(device: torch.device) -> str | None:
     _build.load_extension("cpu")  # raises BuildError with the log path on failure
     return None
 
-
-def logprobs_fwd(logits, labels, ref_logits, ignore_index, temperature, softcap, stats):
-    return torch.ops.fastdpo.logprobs_fwd(logits, labels, ref_logits, ignore_index, temperature, softcap, stats)
-
-
-def logprobs_bwd(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, inplace):
-    if inplace:
-        torch.ops.fastdpo.logprobs_bwd_(grad_logp, logits, labels, lse, ignore_index, temperature, softcap)
-        return logits
-    return torch.ops.fastdpo.logprobs_bwd(grad_logp, logits, labels, lse, ignore_index, temperature, softcap)
