@@ -130,3 +130,45 @@ def test_gpu_realistic_sizes(dtype, V):
     tol = TOL[dtype]
     assert torch.allclose(ok.logps, ot.logps, atol=tol, rtol=tol)
     assert torch.allclose(gk.float(), gt.float(), atol=tol, rtol=tol)
+
+
+from fastdpo.kernels import triton as tk  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.8, "softcap": 4.0}])
+def test_fused_linear_fold_and_tile_grad(dtype, kw):
+    n, V, chunk = 5, 1000, 384  # V not a multiple of the chunk
+    x, y, w = case((n,), V, dtype)
+    y[1] = -100
+    ignore = y == -100
+    m = torch.full((n,), float("-inf"), device=DEV)
+    s = torch.zeros(n, device=DEV)
+    zy = torch.zeros(n, device=DEV)
+    for v0 in range(0, V, chunk):
+        tk.lse_fold(x[:, v0 : v0 + chunk].contiguous(), y, v0, m, s, zy, **kw)
+    lse = m + torch.log(s)
+    out = fastdpo.fused_logprobs(x, y, backend="torch", **kw)
+    expect_logp = out.logps
+    assert torch.allclose(torch.where(ignore, 0.0, zy - lse), expect_logp, atol=2e-5)
+    g = torch.where(ignore, 0.0, w)
+    grads = []
+    for v0 in range(0, V, chunk):
+        grads.append(tk.tile_grad_(x[:, v0 : v0 + chunk].contiguous(), y, v0, lse, g, **kw))
+    xx = x.detach().clone().requires_grad_()
+    (fastdpo.fused_logprobs(xx, y, backend="torch", **kw).logps * w).sum().backward()
+    assert torch.allclose(torch.cat(grads, 1).float(), xx.grad.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_segment_sum_packed_sequences_is_deterministic():
+    g = torch.Generator().manual_seed(0)
+    lengths = [3, 0, 2500, 1, 7]
+    seq_index = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(DEV)
+    values = torch.randn(int(sum(lengths)), generator=g).to(DEV)
+    got = tk.segment_sum(values, seq_index, len(lengths))
+    expect = torch.stack([values[seq_index == k].double().sum() for k in range(len(lengths))])
+    assert torch.allclose(got.double(), expect, atol=1e-4)
+    assert torch.equal(got, tk.segment_sum(values, seq_index, len(lengths)))
+    assert torch.allclose(tk.segment_sum_torch(values, seq_index, len(lengths)).double(), expect, atol=1e-4)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        tk.segment_sum(values, seq_index.flip(0), len(lengths))

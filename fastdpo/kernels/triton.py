@@ -117,3 +117,76 @@ def logprobs_bwd(grad_logp, logits, labels, lse, ignore_index, temperature, soft
         torch.ops.fastdpo.logprobs_bwd_triton_(grad_logp, logits, labels, lse, ignore_index, temperature, softcap)
         return logits
     return torch.ops.fastdpo.logprobs_bwd_triton(grad_logp, logits, labels, lse, ignore_index, temperature, softcap)
+
+
+# ----------------------------------------------------------------------------- building blocks
+# Launched directly (eager) by the chunked loops that use them.
+
+
+def _launch_consts(temperature: float, softcap: float | None):
+    cap = softcap or 0.0
+    return 1.0 / temperature, cap, (1.0 / cap if cap > 0 else 0.0), cap > 0
+
+
+def lse_fold(tile, labels, v_offset: int, m, s, z_label, temperature: float = 1.0, softcap: float | None = None):
+    """Fold a logits tile ``[n, c]`` (vocabulary ids ``v_offset .. v_offset + c``) into
+    the running max ``m [n]`` and sum ``s [n]`` (fp32, in place; start from -inf and 0),
+    and write ``z_label [n]`` for rows whose label lies in the chunk. After the last
+    chunk ``lse = m + log(s)`` and ``logp = z_label - lse``."""
+    from fastdpo.kernels import triton_logprobs as k
+
+    n, c = tile.shape
+    if n == 0:
+        return
+    assert tile.stride(1) == 1 and m.dtype == s.dtype == z_label.dtype == torch.float32
+    inv_t, cap, inv_cap, has_cap = _launch_consts(temperature, softcap)
+    block = _block(c)
+    k.lse_fold_kernel[(n,)](tile, labels, m, s, z_label, tile.stride(0), c, v_offset, inv_t, cap, inv_cap,
+                            BLOCK=block, HAS_CAP=has_cap, num_warps=_warps(block))
+
+
+def tile_grad_(tile, labels, v_offset: int, lse, grad, temperature: float = 1.0, softcap: float | None = None):
+    """Overwrite a recomputed logits tile ``[n, c]`` with ``grad * (onehot - softmax) * dz/dx``
+    (``lse`` and ``grad`` are fp32 ``[n]``; rows with ``grad == 0`` become 0)."""
+    import triton
+
+    from fastdpo.kernels import triton_logprobs as k
+
+    n, c = tile.shape
+    if n == 0:
+        return tile
+    assert tile.stride(1) == 1
+    inv_t, cap, inv_cap, has_cap = _launch_consts(temperature, softcap)
+    block = _block(c)
+    k.tile_grad_kernel[(n, triton.cdiv(c, block))](tile, labels, lse, grad, tile.stride(0), c, v_offset, inv_t, cap,
+                                                   inv_cap, BLOCK=block, HAS_CAP=has_cap, num_warps=_warps(block))
+    return tile
+
+
+def _segment_offsets(seq_index: torch.Tensor, num_segments: int) -> torch.Tensor:
+    if seq_index.numel() > 1 and bool((seq_index[1:] < seq_index[:-1]).any()):
+        raise ValueError("fastdpo: seq_index must be non-decreasing (tokens of one sequence packed together)")
+    bounds = torch.arange(num_segments + 1, device=seq_index.device, dtype=seq_index.dtype)
+    return torch.searchsorted(seq_index, bounds)
+
+
+def segment_sum_torch(values: torch.Tensor, seq_index: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Torch fallback of :func:`segment_sum` (same contract): per-segment sums of
+    contiguous slices, in a fixed order."""
+    off = _segment_offsets(seq_index, num_segments).tolist()
+    return torch.stack([values[a:b].float().sum() for a, b in zip(off[:-1], off[1:])]) if num_segments else \
+        values.new_zeros(0, dtype=torch.float32)
+
+
+def segment_sum(values: torch.Tensor, seq_index: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Per-sequence sums of per-token values for packed (padding-free) batches:
+    ``out[k] = sum(values[seq_index == k])`` with ``seq_index`` non-decreasing.
+    Deterministic: one program per segment sums its slice block by block in order."""
+    from fastdpo.kernels import triton_logprobs as k
+
+    out = torch.zeros(num_segments, dtype=torch.float32, device=values.device)
+    if num_segments == 0:
+        return out
+    off = _segment_offsets(seq_index, num_segments)
+    k.segment_sum_kernel[(num_segments,)](values.contiguous(), off, out, BLOCK=1024)
+    return out

@@ -136,3 +136,74 @@ def logprobs_bwd_kernel(
         onehot = (cols == label).to(tl.float32)
         grad = g * (onehot - p) * dz
         tl.store(o_row + cols, grad.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+# ----------------------------------------------------------------------------- fused-linear folds
+# A fused-linear loop computes the logits one [tokens, vocab chunk] tile at a
+# time (tile = hidden @ W[v0:v0+c].T) and folds each tile while it is hot.
+
+
+@triton.jit
+def lse_fold_kernel(
+    tile_ptr, y_ptr, m_ptr, s_ptr, zy_ptr, stride_n, C, v_offset, inv_t, softcap, inv_softcap,
+    BLOCK: tl.constexpr, HAS_CAP: tl.constexpr,
+):
+    """Fold one tile row into the running (m, s) of its token and pick up the
+    label's z when the label falls inside this vocabulary chunk."""
+    row = tl.program_id(0).to(tl.int64)
+    m = tl.load(m_ptr + row)
+    s = tl.load(s_ptr + row)
+    label = tl.load(y_ptr + row) - v_offset
+    t_row = tile_ptr + row * stride_n
+    for start in range(0, C, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        valid = cols < C
+        x = tl.load(t_row + cols, mask=valid, other=0.0).to(tl.float32)
+        z, _ = _transform(x, inv_t, softcap, inv_softcap, HAS_CAP)
+        z = tl.where(valid, z, -float("inf"))
+        bm = tl.max(z, axis=0)
+        new_m = tl.maximum(m, bm)
+        if new_m != -float("inf"):
+            f_old = tl.where(m == -float("inf"), 0.0, tl.exp(m - new_m))
+            e = tl.where(z == -float("inf"), 0.0, tl.exp(z - new_m))
+            s = s * f_old + tl.sum(e, axis=0)
+            m = new_m
+    tl.store(m_ptr + row, m)
+    tl.store(s_ptr + row, s)
+    if (label >= 0) & (label < C):
+        zy, _ = _transform(tl.load(t_row + label).to(tl.float32), inv_t, softcap, inv_softcap, HAS_CAP)
+        tl.store(zy_ptr + row, zy)
+
+
+@triton.jit
+def tile_grad_kernel(
+    tile_ptr, y_ptr, lse_ptr, g_ptr, stride_n, C, v_offset, inv_t, softcap, inv_softcap,
+    BLOCK: tl.constexpr, HAS_CAP: tl.constexpr,
+):
+    """Overwrite a recomputed tile with its logits gradient g (onehot - p) dz/dx."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = cols < C
+    g = tl.load(g_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    label = tl.load(y_ptr + row) - v_offset
+    ptr = tile_ptr + row * stride_n + cols
+    x = tl.load(ptr, mask=valid, other=0.0).to(tl.float32)
+    z, dz = _transform(x, inv_t, softcap, inv_softcap, HAS_CAP)
+    grad = g * ((cols == label).to(tl.float32) - tl.exp(z - lse)) * dz
+    grad = tl.where(g == 0.0, 0.0, grad)
+    tl.store(ptr, grad.to(tile_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def segment_sum_kernel(v_ptr, off_ptr, out_ptr, BLOCK: tl.constexpr):
+    """out[k] = sum(v[off[k]:off[k+1]]): one program per segment, blocks summed in
+    order, so the result does not depend on scheduling (deterministic)."""
+    k = tl.program_id(0).to(tl.int64)
+    start = tl.load(off_ptr + k)
+    end = tl.load(off_ptr + k + 1)
+    acc = 0.0
+    for i in range(start, end, BLOCK):
+        idx = i + tl.arange(0, BLOCK)
+        acc += tl.sum(tl.load(v_ptr + idx, mask=idx < end, other=0.0).to(tl.float32), axis=0)
+    tl.store(out_ptr + k, acc)
