@@ -47,9 +47,6 @@ def _define_ops():
 
     from fastdpo.kernels import triton_logprobs as k
 
-    def consts(temperature: float, softcap: float):
-        return 1.0 / temperature, softcap, (1.0 / softcap if softcap > 0 else 0.0), softcap > 0
-
     @triton_op("fastdpo::logprobs_fwd_triton", mutates_args=())
     def fwd(logits: torch.Tensor, labels: torch.Tensor, ref_logits: Optional[torch.Tensor], ignore_index: int,
             temperature: float, softcap: float, stats: bool
@@ -61,7 +58,7 @@ def _define_ops():
         ref = torch.zeros_like(logp) if ref_logits is not None else logp.new_empty(0)
         st = torch.zeros(B, T, 4, dtype=acc, device=logits.device) if stats else logp.new_empty(0)
         if B * T:
-            inv_t, cap, inv_cap, has_cap = consts(temperature, softcap)
+            inv_t, cap, inv_cap, has_cap = _launch_consts(temperature, softcap)
             r = ref_logits if ref_logits is not None else logits
             block = _block(V)
             wrap_triton(k.logprobs_fwd_kernel)[(B * T,)](
@@ -76,7 +73,7 @@ def _define_ops():
         B, T, V = logits.shape
         if B * T == 0:
             return
-        inv_t, cap, inv_cap, has_cap = consts(temperature, softcap)
+        inv_t, cap, inv_cap, has_cap = _launch_consts(temperature, softcap)
         block = _block(V)
         grid = (B * T, triton.cdiv(V, block))
         wrap_triton(k.logprobs_bwd_kernel)[grid](
