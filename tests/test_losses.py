@@ -340,3 +340,25 @@ def test_invalid_inputs_raise():
         fastdpo.dpo_loss(x, y, ref_logits=r, token_weights=torch.ones(6, 2))
     with pytest.raises(ValueError, match="weight must be"):
         fastdpo.linear_dpo_loss(torch.randn(6, 7, 8), torch.randn(10, 9), y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pair_weights_scale_each_pairs_loss(backend):
+    x, r, y = batch()
+    pw = torch.tensor([0.2, 1.0, 2.5])
+    xa = x.clone().requires_grad_()
+    out = fastdpo.dpo_loss(xa, y, ref_logits=r, loss_type="ipo", pair_weights=pw, backend=backend)
+    out.loss.backward()
+    mask = y != -100
+    lp = lambda t: (torch.log_softmax(t.double(), -1).gather(-1, y.clamp(min=0)[..., None])[..., 0] * mask)  # noqa: E731
+    xb = x.double().requires_grad_()
+    seq, ref = lp(xb).sum(-1), lp(r).sum(-1)
+    lens = mask.sum(-1)
+    sc = (seq - ref) / lens
+    per_pair = (sc[:3] - sc[3:] - 1 / (2 * 0.1)) ** 2
+    expect = (per_pair * pw.double()).mean()
+    expect.backward()
+    assert out.loss.item() == pytest.approx(expect.item(), rel=1e-5)
+    assert torch.allclose(xa.grad.double(), xb.grad, atol=1e-6)
+    with pytest.raises(ValueError, match="pair_weights must be"):
+        fastdpo.dpo_loss(x, y, ref_logits=r, pair_weights=torch.ones(6))

@@ -140,8 +140,13 @@ def compute_loss(
     stats: torch.Tensor | None = None,
     ignore_index: int = -100,
     token_weights: torch.Tensor | None = None,
+    pair_weights: torch.Tensor | None = None,
 ) -> DPOOutput:
-    """The loss and metrics from per-token log-probs ``[2B, T]`` (shared by every entry point)."""
+    """The loss and metrics from per-token log-probs ``[2B, T]`` (shared by every entry point).
+
+    ``pair_weights`` ``[B]`` (no gradient) scale each pair's loss before the mean: the
+    per-pair semantic-consistency weight of Sem-DPO, the instance-level weights of
+    margin-adaptive DPO (MADPO), or any other per-pair reweighting."""
     mask = labels != ignore_index
     n = token_logps.shape[0] // 2
     has_ref = ref_token_logps is not None or ref_logps is not None
@@ -189,6 +194,8 @@ def compute_loss(
         per_pair = spec.fn(ps)
         if weights is not None:
             per_pair = per_pair * weights
+        if pair_weights is not None:
+            per_pair = per_pair * pair_weights.detach().to(per_pair.dtype)
         loss = loss + per_pair.mean() * weight
         if spec.nll and nll is None:
             nll = _rf.chosen_nll(ps).detach()
@@ -214,7 +221,7 @@ def compute_loss(
     return DPOOutput(loss, logps[:n], logps[n:], chosen_rewards, rejected_rewards, metrics)
 
 
-def _check_pairs(labels: torch.Tensor, ref_logps, token_weights):
+def _check_pairs(labels: torch.Tensor, ref_logps, token_weights, pair_weights=None):
     if labels.dim() != 2:
         raise ValueError(f"fastdpo: labels must be [2B, T] (chosen rows then rejected rows), got {tuple(labels.shape)}")
     if labels.shape[0] == 0 or labels.shape[0] % 2:
@@ -228,6 +235,13 @@ def _check_pairs(labels: torch.Tensor, ref_logps, token_weights):
             raise ValueError(
                 f"fastdpo: ref_logps must be [2B] = ({labels.shape[0]},) sequence log-probs in batch order, "
                 f"got {tuple(ref_logps.shape)}"
+            )
+    if pair_weights is not None:
+        _validation.check_float_tensor(pair_weights, "pair_weights")
+        if tuple(pair_weights.shape) != (labels.shape[0] // 2,):
+            raise ValueError(
+                f"fastdpo: pair_weights must be [B] = ({labels.shape[0] // 2},), one weight per pair, "
+                f"got {tuple(pair_weights.shape)}"
             )
     if token_weights is not None:
         _validation.check_float_tensor(token_weights, "token_weights")
@@ -256,6 +270,7 @@ def dpo_loss(
     temperature: float = 1.0,
     softcap: float | None = None,
     token_weights: torch.Tensor | None = None,
+    pair_weights: torch.Tensor | None = None,
     inplace_backward: bool = False,
     backend: str = "auto",
     **variant_options,
@@ -266,14 +281,15 @@ def dpo_loss(
     ``ref_logps`` (``[2B]``) are precomputed sequence log-probs. ``loss_type`` is a
     registered objective or a list of them, combined with ``loss_weights``. See
     :mod:`fastdpo.losses.dpo` and :mod:`fastdpo.losses.reference_free` for the formulas.
-    ``token_weights`` (shaped like labels) weight each token inside the sequence sums.
+    ``token_weights`` (shaped like labels) weight each token inside the sequence sums;
+    ``pair_weights`` (``[B]``) weight each pair's loss.
     """
     cfg = make_config(
         loss_type, beta, label_smoothing, loss_weights, f_divergence_type, f_alpha_divergence_coef, ld_alpha,
         use_weighting, discopop_tau, **variant_options,
     )
     _validation.check_tensor(labels, "labels")
-    _check_pairs(labels, ref_logps, token_weights)
+    _check_pairs(labels, ref_logps, token_weights, pair_weights)
     if ref_logits is not None and ref_logps is not None:
         raise ValueError("fastdpo: pass either ref_logits or ref_logps, not both")
     out = fused_logprobs(
@@ -282,7 +298,7 @@ def dpo_loss(
     )
     return compute_loss(
         out.logps, labels, cfg, ref_token_logps=out.ref_logps, ref_logps=ref_logps, stats=out.stats,
-        ignore_index=ignore_index, token_weights=token_weights,
+        ignore_index=ignore_index, token_weights=token_weights, pair_weights=pair_weights,
     )
 
 
@@ -343,9 +359,10 @@ class DPOLoss(torch.nn.Module):
         self.kw = dict(loss_type=loss_type, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
                        backend=backend, **options)
 
-    def forward(self, logits, labels, *, ref_logits=None, ref_logps=None, token_weights=None) -> DPOOutput:
+    def forward(self, logits, labels, *, ref_logits=None, ref_logps=None, token_weights=None,
+                pair_weights=None) -> DPOOutput:
         return dpo_loss(logits, labels, ref_logits=ref_logits, ref_logps=ref_logps, token_weights=token_weights,
-                        **self.kw)
+                        pair_weights=pair_weights, **self.kw)
 
 
 class LinearDPOLoss(DPOLoss):
