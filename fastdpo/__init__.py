@@ -9,27 +9,31 @@ from fastdpo._backends import Backend, BackendUnavailableError, available_backen
 from fastdpo._build import BuildError
 from fastdpo.ops.logprobs import FusedLogprobs, TokenLogprobs, fused_logprobs, token_logprobs
 from fastdpo.losses import (
+    BCOLoss,
     DPOLoss,
     DPOOutput,
     LinearDPOLoss,
-    PairStats,
+    SequenceStats,
+    available_losses,
     dpo_loss,
+    get_loss,
     linear_dpo_loss,
     register_loss,
-    registered_losses,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BCOLoss",
     "DPOLoss",
     "DPOOutput",
     "LinearDPOLoss",
-    "PairStats",
+    "SequenceStats",
+    "available_losses",
     "dpo_loss",
+    "get_loss",
     "linear_dpo_loss",
     "register_loss",
-    "registered_losses",
     "Backend",
     "BackendUnavailableError",
     "BuildError",

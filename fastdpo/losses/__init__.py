@@ -1,10 +1,32 @@
-"""DPO-family objectives as small torch functions of sequence-level statistics."""
+"""DPO-family losses on top of the fused per-token kernels.
 
-from fastdpo.losses.api import DPOLoss, DPOOutput, LinearDPOLoss, compute_loss, dpo_loss, linear_dpo_loss, make_config
-from fastdpo.losses.dpo import TRL_LOSS_TYPES, f_divergence_scores
-from fastdpo.losses.registry import PairStats, get_loss, register_loss, registered_losses
+Importing this package registers every built-in objective (see :mod:`fastdpo.losses.registry`).
+"""
+
+from fastdpo.losses import dpo, literature, reference_free, unpaired  # noqa: F401  (register the objectives)
+from fastdpo.losses.api import DPOLoss, DPOOutput, LinearDPOLoss, dpo_loss, linear_dpo_loss
+from fastdpo.losses.registry import (
+    LossConfig,
+    LossSpec,
+    SequenceStats,
+    available_losses,
+    get_loss,
+    register_loss,
+)
+from fastdpo.losses.unpaired import BCOLoss, RunningMean
 
 __all__ = [
-    "DPOLoss", "DPOOutput", "LinearDPOLoss", "PairStats", "TRL_LOSS_TYPES", "compute_loss", "dpo_loss",
-    "f_divergence_scores", "get_loss", "linear_dpo_loss", "make_config", "register_loss", "registered_losses",
+    "BCOLoss",
+    "DPOLoss",
+    "DPOOutput",
+    "LinearDPOLoss",
+    "LossConfig",
+    "LossSpec",
+    "RunningMean",
+    "SequenceStats",
+    "available_losses",
+    "dpo_loss",
+    "get_loss",
+    "linear_dpo_loss",
+    "register_loss",
 ]

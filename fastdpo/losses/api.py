@@ -1,254 +1,316 @@
-"""One-call fused preference losses: ``dpo_loss`` (logits in) and
-``linear_dpo_loss`` (hidden states + LM head in).
+"""One-call DPO-family losses from logits (:func:`dpo_loss`) or from LM-head inputs (:func:`linear_dpo_loss`).
 
-Data flow: one fused kernel pass gives per-token policy log-probs (+ reference
-log-probs + statistics); everything below is torch on ``[2B, T]`` tensors:
-sequence sums (LD-DPO, per-token weights), f-divergence scores, the objective
-from the registry, WPO weights and TRL's metrics.
-
-Batch layout as in TRL: dim 0 is ``[chosen; rejected]``, labels already shifted,
-``ignore_index`` on prompt and padding tokens.
+Both run the fused per-token kernel once (policy + reference log-probs +
+statistics) and then share one code path, :func:`_loss_from_tokens`: sequence
+sums (LD-DPO, per-token weights), WPO weights, the registered objectives and
+the TRL metrics, all ordinary torch code on ``[N, T]`` tensors.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import numbers
 
 import torch
 import torch.nn.functional as F
 
 from fastdpo import _validation
-from fastdpo.losses import dpo as _dpo  # noqa: F401  (registers the TRL objectives)
-from fastdpo.losses import reference_free as _rf  # noqa: F401  (registers SimPO, CPO, AlphaPO, ORPO)
-from fastdpo.losses.dpo import f_divergence_scores
-from fastdpo.losses.registry import LossSpec, PairStats, get_loss
-from fastdpo.ops.logprobs import fused_logprobs
+from fastdpo.losses import registry
+from fastdpo.losses.registry import LossConfig, SequenceStats, f_divergence_scores
+from fastdpo.ops.logprobs import FusedLogprobs, fused_logprobs
 
-_F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# Rows of hidden states turned into logits at a time by linear_dpo_loss.
+DEFAULT_CHUNK_ROWS = 1024
 
 
 @dataclasses.dataclass
 class DPOOutput:
-    """``loss`` (scalar), per-pair ``chosen_logps``/``rejected_logps`` (policy, as
-    fed to the objective) and ``chosen_rewards``/``rejected_rewards``
-    (``beta * log-ratio``, detached), and ``metrics`` with TRL's keys (0-d tensors)."""
+    """Result of :func:`dpo_loss` / :func:`linear_dpo_loss`.
+
+    ``loss``: scalar. ``chosen_logps`` / ``rejected_logps``: per-pair policy sequence
+    log-probs (after ``ld_alpha`` / ``token_weights``). ``chosen_rewards`` /
+    ``rejected_rewards``: detached implicit rewards (``beta * log-ratio`` for
+    reference-based losses). ``metrics``: detached 0-d tensors under TRL's keys.
+    ``policy_logps`` / ``ref_logps``: all ``N`` sequence log-probs (``ref_logps`` None
+    when reference-free).
+    """
 
     loss: torch.Tensor
     chosen_logps: torch.Tensor
     rejected_logps: torch.Tensor
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
-    metrics: dict[str, torch.Tensor]
+    metrics: dict
+    policy_logps: torch.Tensor
+    ref_logps: torch.Tensor | None
 
 
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    losses: tuple[LossSpec, ...]
-    weights: tuple[float, ...]
-    beta: float
-    label_smoothing: float
-    f_divergence_type: str
-    f_alpha_divergence_coef: float
-    ld_alpha: float | None
-    use_weighting: bool
-    options: dict
+@dataclasses.dataclass
+class _Plan:
+    terms: list  # [(LossSpec, LossConfig, weight)]
+    num_blocks: int
+    unpaired: bool
+    common: dict
 
 
-def make_config(
-    loss_type: str | Sequence[str] = "sigmoid",
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-    loss_weights: Sequence[float] | None = None,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5,
-    ld_alpha: float | None = None,
-    use_weighting: bool = False,
-    discopop_tau: float = 0.05,
-    **variant_options,
-) -> LossConfig:
-    """Validate the loss options once (shared by the functions and the modules)."""
-    types = [loss_type] if isinstance(loss_type, str) else loss_type
-    if not isinstance(types, (list, tuple)) or not types or not all(isinstance(t, str) for t in types):
-        raise TypeError(f"fastdpo: loss_type must be a name or a list of names, got {loss_type!r}")
-    specs = tuple(get_loss(t) for t in types)
+def _check_number(x, name, *, lo=None, hi=None, lo_open=False, hi_open=False):
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"fastdpo: {name} must be a number, got {type(x).__name__}")
+    x = float(x)
+    if (lo is not None and (x < lo or (lo_open and x == lo))) or (hi is not None and (x > hi or (hi_open and x == hi))):
+        lb = "(" if lo_open else "["
+        rb = ")" if hi_open else "]"
+        raise ValueError(f"fastdpo: {name} must lie in {lb}{lo}, {hi}{rb}, got {x}")
+    return x
+
+
+def _plan(loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, ld_alpha,
+          use_weighting, discopop_tau, variant_options) -> _Plan:
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    if not types:
+        raise ValueError("fastdpo: loss_type must be a name or a non-empty list of names")
+    specs = [registry.get_loss(t) for t in types]
     if loss_weights is None:
-        weights = (1.0,) * len(specs)
+        weights = [1.0] * len(types)
     else:
-        weights = tuple(float(w) for w in loss_weights)
-        if len(weights) != len(specs):
+        weights = [_check_number(w, "loss_weights[i]") for w in loss_weights]
+        if len(weights) != len(types):
             raise ValueError(
-                f"fastdpo: loss_weights has {len(weights)} entries but loss_type lists {len(specs)} losses ({types})"
+                f"fastdpo: loss_weights has {len(weights)} entries but loss_type has {len(types)} ({types}); "
+                "give one weight per loss type"
             )
-    beta = _validation.check_positive(beta, "beta")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise TypeError(f"fastdpo: label_smoothing must be a number, got {type(label_smoothing).__name__}")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"fastdpo: label_smoothing must be in [0, 1), got {label_smoothing}")
-    if f_divergence_type not in _F_DIVERGENCES:
-        raise ValueError(f"fastdpo: unknown f_divergence_type {f_divergence_type!r}; expected one of {_F_DIVERGENCES}")
+    if isinstance(beta, torch.Tensor):
+        if not beta.dtype.is_floating_point:
+            raise TypeError(f"fastdpo: a tensor beta must be floating point, got {beta.dtype}")
+    else:
+        _check_number(beta, "beta", lo=0.0, lo_open=True)
+    label_smoothing = _check_number(label_smoothing, "label_smoothing", lo=0.0, hi=1.0)
+    if f_divergence_type not in registry.F_DIVERGENCES:
+        raise ValueError(
+            f"fastdpo: unknown f_divergence_type {f_divergence_type!r}; expected one of {', '.join(registry.F_DIVERGENCES)}"
+        )
+    f_alpha_divergence_coef = _check_number(f_alpha_divergence_coef, "f_alpha_divergence_coef")
+    if ld_alpha is not None:
+        _check_number(ld_alpha, "ld_alpha", lo=0.0, hi=1.0)
+    discopop_tau = _check_number(discopop_tau, "discopop_tau", lo=0.0, lo_open=True)
     if f_divergence_type != "reverse_kl":
-        bad = [s.name for s in specs if not s.f_divergence]
+        bad = [sp.name for sp in specs if not sp.f_divergence]
         if bad:
             raise ValueError(
-                f"fastdpo: f_divergence_type={f_divergence_type!r} is not supported by loss_type {bad}; "
-                "use reverse_kl with these losses"
+                f"fastdpo: f_divergence_type={f_divergence_type!r} is not supported by loss_type {bad}; supported: "
+                f"{[n for n in registry.available_losses() if registry.get_loss(n).f_divergence]}"
             )
-    if ld_alpha is not None and not (isinstance(ld_alpha, (int, float)) and 0.0 <= ld_alpha <= 1.0):
-        raise ValueError(f"fastdpo: ld_alpha must be None or a number in [0, 1], got {ld_alpha!r}")
-    if use_weighting and any(s.name in ("aot", "aot_unpaired") for s in specs):
-        raise ValueError("fastdpo: use_weighting is not supported with loss_type aot / aot_unpaired")
-    _validation.check_positive(discopop_tau, "discopop_tau")
-    options = dict(variant_options, discopop_tau=float(discopop_tau), label_smoothing=float(label_smoothing))
-    for s in specs:
-        if s.check is not None:
-            s.check(options)
-    return LossConfig(
-        specs, weights, beta, float(label_smoothing), f_divergence_type, float(f_alpha_divergence_coef),
-        None if ld_alpha is None else float(ld_alpha), bool(use_weighting), options,
-    )
-
-
-def _sequence_logps(token_logps, mask, ld_alpha, token_weights):
-    """Sum per-token log-probs over each completion. LD-DPO (Liu et al., 2024,
-    arXiv:2409.06411) down-weights by ``ld_alpha`` the tokens of the longer
-    response beyond the length of the shorter one of its pair."""
-    if token_weights is not None:
-        token_logps = token_logps * token_weights
-    if ld_alpha is None:
-        return (token_logps * mask).sum(-1)
-    pos = mask.cumsum(-1)
-    lens = mask.sum(-1)
-    cw, rj = lens.chunk(2)
-    shared = torch.minimum(cw, rj).repeat(2).unsqueeze(-1)
-    shared_mask = mask & (pos <= shared)
-    tail_mask = mask & (pos > shared)
-    return (token_logps * shared_mask).sum(-1) + ld_alpha * (token_logps * tail_mask).sum(-1)
-
-
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def compute_loss(
-    token_logps: torch.Tensor,
-    labels: torch.Tensor,
-    cfg: LossConfig,
-    *,
-    ref_token_logps: torch.Tensor | None = None,
-    ref_logps: torch.Tensor | None = None,
-    stats: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    token_weights: torch.Tensor | None = None,
-    pair_weights: torch.Tensor | None = None,
-) -> DPOOutput:
-    """The loss and metrics from per-token log-probs ``[2B, T]`` (shared by every entry point).
-
-    ``pair_weights`` ``[B]`` (no gradient) scale each pair's loss before the mean: the
-    per-pair semantic-consistency weight of Sem-DPO, the instance-level weights of
-    margin-adaptive DPO (MADPO), or any other per-pair reweighting."""
-    mask = labels != ignore_index
-    n = token_logps.shape[0] // 2
-    has_ref = ref_token_logps is not None or ref_logps is not None
-    for s in cfg.losses:
-        if s.needs_reference and not has_ref:
-            raise ValueError(
-                f"fastdpo: loss_type {s.name!r} needs a reference: pass ref_logits (ref_hidden) or ref_logps"
-            )
-        if s.reference_free and has_ref:
-            raise ValueError(f"fastdpo: loss_type {s.name!r} is reference-free: do not pass a reference")
-
-    logps = _sequence_logps(token_logps, mask, cfg.ld_alpha, token_weights)
-    if ref_logps is None:
-        if ref_token_logps is not None:
-            ref = _sequence_logps(ref_token_logps, mask, cfg.ld_alpha, token_weights)
-        else:
-            ref = torch.zeros_like(logps)
-    else:
-        ref = ref_logps.to(logps.dtype)
-    ref = ref.detach()
-    lengths = mask.sum(-1).to(logps.dtype)
-    lr = logps - ref
-    scores = f_divergence_scores(lr, cfg.f_divergence_type, cfg.f_alpha_divergence_coef)
-    cm, rm = mask.chunk(2)
-    ctl, rtl = token_logps.chunk(2)
-    ps = PairStats(
-        *logps.chunk(2), *ref.chunk(2), *scores.chunk(2), *lengths.chunk(2), ctl, rtl, cm, rm,
-        has_reference=has_ref, beta=cfg.beta, label_smoothing=cfg.label_smoothing, options=cfg.options,
-    )
-
-    weights = None
-    if cfg.use_weighting:
-        if stats is None:
-            raise ValueError("fastdpo: use_weighting needs the per-token log sum p^2 from the fused pass")
-        # WPO (Zhou et al., 2024, arXiv:2406.11827, Eq. 2): exp of the mean over the completion of
-        # log p(y_t) - log sum_v p_v^2, for chosen times rejected; no gradient.
-        with torch.no_grad():
-            aligned = ((token_logps - stats[..., 3]) * mask).sum(-1) / lengths.clamp(min=1)
-            w = torch.exp(aligned)
-            weights = w[:n] * w[n:]
-
-    loss = token_logps.new_zeros(())
-    nll = None
-    for spec, weight in zip(cfg.losses, cfg.weights):
-        per_pair = spec.fn(ps)
-        if weights is not None:
-            per_pair = per_pair * weights
-        if pair_weights is not None:
-            per_pair = per_pair * pair_weights.detach().to(per_pair.dtype)
-        loss = loss + per_pair.mean() * weight
-        if spec.nll and nll is None:
-            nll = _rf.chosen_nll(ps).detach()
-
-    chosen_rewards = (cfg.beta * lr[:n]).detach()
-    rejected_rewards = (cfg.beta * lr[n:]).detach()
-    metrics = {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/chosen": logps[:n].detach().mean(),
-        "logps/rejected": logps[n:].detach().mean(),
-    }
-    if stats is not None:
-        st = stats.detach()
-        metrics["logits/chosen"] = _masked_mean(st[:n, :, 2], cm)
-        metrics["logits/rejected"] = _masked_mean(st[n:, :, 2], rm)
-        metrics["entropy"] = _masked_mean(st[..., 0], mask)
-        metrics["mean_token_accuracy"] = _masked_mean(st[:n, :, 1], cm)
-    if nll is not None:
-        metrics["nll_loss"] = nll
-    return DPOOutput(loss, logps[:n], logps[n:], chosen_rewards, rejected_rewards, metrics)
-
-
-def _check_pairs(labels: torch.Tensor, ref_logps, token_weights, pair_weights=None):
-    if labels.dim() != 2:
-        raise ValueError(f"fastdpo: labels must be [2B, T] (chosen rows then rejected rows), got {tuple(labels.shape)}")
-    if labels.shape[0] == 0 or labels.shape[0] % 2:
-        raise ValueError(
-            f"fastdpo: the batch must hold chosen then rejected sequences, so an even number of rows; "
-            f"got {labels.shape[0]}"
+    if use_weighting:
+        bad = [sp.name for sp in specs if not sp.weighting]
+        if bad:
+            raise ValueError(f"fastdpo: use_weighting=True (WPO) is not supported by loss_type {bad}")
+    known = set().union(*(sp.defaults for sp in specs))
+    unknown = sorted(set(variant_options) - known)
+    if unknown:
+        raise TypeError(
+            f"fastdpo: unexpected option(s) {unknown} for loss_type {types}; "
+            f"options these losses accept: {sorted(known) or 'none'}"
         )
+    common = dict(beta=beta, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
+                  f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau)
+    terms = []
+    for sp, w in zip(specs, weights):
+        opts = {k: variant_options.get(k, v) for k, v in sp.defaults.items()}
+        cfg = LossConfig(**common, **opts)
+        if sp.validate is not None:
+            sp.validate(cfg)
+        terms.append((sp, cfg, w))
+    blocks = {sp.blocks(cfg) for sp, cfg, _ in terms}
+    if len(blocks) != 1:
+        raise ValueError(f"fastdpo: loss types {types} expect different batch layouts and cannot be combined")
+    unpaired = {sp.unpaired for sp in specs}
+    if len(unpaired) != 1:
+        raise ValueError(f"fastdpo: paired and unpaired loss types cannot be combined ({types})")
+    return _Plan(terms, blocks.pop(), unpaired.pop(), common)
+
+
+def _check_batch(plan: _Plan, n: int, desirable, ref_logps, have_ref_tokens, pair_weights, token_weights, labels):
+    if desirable is None and (n % plan.num_blocks != 0 or n == 0):
+        layout = "[chosen; rejected]" if plan.num_blocks == 2 else f"{plan.num_blocks} equal blocks"
+        raise ValueError(
+            f"fastdpo: the batch dimension must hold {layout} for loss_type "
+            f"{[sp.name for sp, _, _ in plan.terms]}, got {n} sequences (not a positive multiple of {plan.num_blocks})"
+        )
+    if desirable is not None:
+        if not plan.unpaired:
+            raise ValueError("fastdpo: desirable= is only accepted by unpaired loss types (kto, bco, ...)")
+        _validation.check_tensor(desirable, "desirable")
+        if desirable.dtype != torch.bool or tuple(desirable.shape) != (n,):
+            raise ValueError(f"fastdpo: desirable must be a bool tensor of shape ({n},), got {desirable.dtype} {tuple(desirable.shape)}")
     if ref_logps is not None:
         _validation.check_float_tensor(ref_logps, "ref_logps")
-        if tuple(ref_logps.shape) != (labels.shape[0],):
+        if have_ref_tokens:
+            raise ValueError("fastdpo: pass either ref_logits/ref_hidden or ref_logps, not both")
+        if tuple(ref_logps.shape) != (n,):
             raise ValueError(
-                f"fastdpo: ref_logps must be [2B] = ({labels.shape[0]},) sequence log-probs in batch order, "
-                f"got {tuple(ref_logps.shape)}"
+                f"fastdpo: ref_logps must be the [{n}] sequence-level reference log-probs in the batch order, "
+                f"got shape {tuple(ref_logps.shape)}"
+            )
+    has_ref = have_ref_tokens or ref_logps is not None
+    for sp, _, _ in plan.terms:
+        if sp.reference == "required" and not has_ref:
+            raise ValueError(
+                f"fastdpo: loss_type={sp.name!r} needs a reference: pass ref_logits (ref_hidden for the linear form) "
+                "or ref_logps"
             )
     if pair_weights is not None:
         _validation.check_float_tensor(pair_weights, "pair_weights")
-        if tuple(pair_weights.shape) != (labels.shape[0] // 2,):
-            raise ValueError(
-                f"fastdpo: pair_weights must be [B] = ({labels.shape[0] // 2},), one weight per pair, "
-                f"got {tuple(pair_weights.shape)}"
-            )
+        groups = n if plan.unpaired else n // plan.num_blocks
+        if tuple(pair_weights.shape) != (groups,):
+            raise ValueError(f"fastdpo: pair_weights must have shape ({groups},), got {tuple(pair_weights.shape)}")
     if token_weights is not None:
         _validation.check_float_tensor(token_weights, "token_weights")
-        if token_weights.shape != labels.shape:
-            raise ValueError(
-                f"fastdpo: token_weights must be shaped like labels {tuple(labels.shape)}, got {tuple(token_weights.shape)}"
-            )
+        _validation.check_same_shape(labels, token_weights, "labels", "token_weights")
+
+
+def _sequence_stats(tok: FusedLogprobs, labels, ignore_index, ref_logps, ld_alpha, token_weights, num_blocks, desirable):
+    """Per-token -> per-sequence: the only place sequences are summed."""
+    logp = tok.logps.reshape(labels.shape[0], -1)
+    mask = (labels != ignore_index).reshape(logp.shape)
+    n_tokens = mask.sum(1).to(logp.dtype)
+    w = None
+    if ld_alpha is not None:
+        # LD-DPO (Liu et al. 2024, arXiv:2409.06411): tokens beyond the shorter response of the group weigh ld_alpha.
+        pos = mask.cumsum(1)
+        shared = mask.sum(1).view(num_blocks, -1).min(0).values.repeat(num_blocks)
+        w = torch.where(pos <= shared.unsqueeze(1), 1.0, float(ld_alpha)).to(logp.dtype)
+    if token_weights is not None:
+        tw = token_weights.reshape(logp.shape).to(logp.dtype)
+        w = tw if w is None else w * tw
+    seq = (lambda x: (x * w).sum(1)) if w is not None else (lambda x: x.sum(1))
+    if tok.ref_logps is not None:
+        ref = seq(tok.ref_logps.reshape(logp.shape))
+    elif ref_logps is not None:
+        ref = ref_logps.detach().to(logp.dtype)
+    else:
+        ref = None
+    return SequenceStats(seq(logp), ref, logp.sum(1), n_tokens, num_blocks, desirable), logp, mask
+
+
+def _wpo_weights(logp, mask, stats, n_tokens, num_blocks):
+    """WPO (Zhou et al. 2024, arXiv:2406.11827, Eq. 2): w(y) = exp(mean_t [log p_t - log sum_v p_v^2]),
+    per pair the product over its responses; no gradient."""
+    with torch.no_grad():
+        lsp2 = stats[..., 3].reshape(logp.shape)
+        w = torch.exp(((logp - lsp2) * mask).sum(1) / n_tokens.clamp(min=1.0))
+        return w.view(num_blocks, -1).prod(0)
+
+
+def _loss_from_tokens(tok: FusedLogprobs, labels, *, ref_logps, plan: _Plan, ld_alpha, use_weighting, ignore_index,
+                      token_weights, pair_weights, desirable) -> DPOOutput:
+    n = labels.shape[0]
+    K = 1 if (plan.unpaired and desirable is not None) else plan.num_blocks
+    if plan.unpaired and desirable is None:
+        desirable = torch.arange(n, device=labels.device) < n // 2
+    if ld_alpha is not None and K == 1:
+        raise ValueError("fastdpo: ld_alpha needs paired responses ([chosen; rejected] layout), not desirable=")
+    s, logp, mask = _sequence_stats(tok, labels, ignore_index, ref_logps, ld_alpha, token_weights, K, desirable)
+    s.scores = f_divergence_scores(s.logratios, plan.common["f_divergence_type"], plan.common["f_alpha_divergence_coef"])
+    wpo = _wpo_weights(logp, mask, tok.stats, s.n_tokens, K) if use_weighting else None
+
+    loss = 0.0
+    for sp, cfg, weight in plan.terms:
+        per = sp.fn(s, cfg)
+        if wpo is not None:
+            per = per * wpo
+        if pair_weights is not None:
+            per = per * pair_weights.to(per.dtype)
+        loss = loss + per.mean() * weight
+
+    sp0, cfg0, _ = plan.terms[0]
+    with torch.no_grad():
+        if sp0.rewards is not None:
+            cr, rr = sp0.rewards(s, cfg0)
+        else:
+            r = cfg0.beta * (s.logratios.view(K, -1) if K > 1 else s.logratios)
+            if desirable is not None:
+                r = r.reshape(-1)
+                cr, rr = r[desirable], r[~desirable]
+            else:
+                cr, rr = r[0], r[1]
+        cr, rr = cr.detach(), rr.detach()
+        metrics = _metrics(s, tok.stats, mask, cr, rr, desirable, K)
+    if "nll_loss" in s.metrics:
+        metrics["nll_loss"] = s.metrics.pop("nll_loss").detach()
+    metrics.update({k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in s.metrics.items()})
+    if desirable is not None:
+        chosen, rejected = s.logps[desirable], s.logps[~desirable]
+    else:
+        chosen, rejected = s.chosen_logps, s.rejected_logps
+    if not isinstance(loss, torch.Tensor):  # pragma: no cover - every objective returns a tensor
+        loss = torch.tensor(loss, device=labels.device)
+    return DPOOutput(loss, chosen, rejected, cr, rr, metrics, s.logps, s.ref_logps)
+
+
+def _masked_mean(x, m):
+    return (x * m).sum() / m.sum().clamp(min=1)
+
+
+def _metrics(s: SequenceStats, stats, mask, cr, rr, desirable, K):
+    """The metrics TRL's DPOTrainer logs, from the statistics of the same kernel pass."""
+    st = stats.reshape(*mask.shape, -1)
+    m = mask.to(st.dtype)
+    if desirable is not None:
+        cm = m * desirable.unsqueeze(1).to(m.dtype)
+        rm = m * (~desirable).unsqueeze(1).to(m.dtype)
+        lc, lr = s.logps[desirable], s.logps[~desirable]
+    else:
+        rows = torch.arange(mask.shape[0], device=mask.device) // (mask.shape[0] // K)
+        cm = m * (rows == 0).unsqueeze(1).to(m.dtype)
+        rm = m * (rows == 1).unsqueeze(1).to(m.dtype)
+        lc, lr = s.chosen_logps, s.rejected_logps
+    out = {
+        "rewards/chosen": cr.mean(),
+        "rewards/rejected": rr.mean(),
+    }
+    if cr.shape == rr.shape:
+        out["rewards/accuracies"] = (cr > rr).float().mean()
+        out["rewards/margins"] = (cr - rr).mean()
+    out.update({
+        "logps/chosen": lc.detach().mean(),
+        "logps/rejected": lr.detach().mean(),
+        "logits/chosen": _masked_mean(st[..., 2], cm),
+        "logits/rejected": _masked_mean(st[..., 2], rm),
+        "entropy": _masked_mean(st[..., 0], m),
+        "mean_token_accuracy": _masked_mean(st[..., 1], cm),
+    })
+    return out
+
+
+_LOSS_DOC = """
+    Loss options (same for both forms):
+        loss_type: a registered name (``fastdpo.available_losses()``) or a list of names,
+            combined as ``sum_i loss_weights[i] * loss_i``.
+        beta: float > 0, or a per-pair tensor (margin-adaptive losses).
+        label_smoothing: robust / exo_pair / aot epsilon; cDPO with ``loss_type='sigmoid', cdpo=True``.
+        f_divergence_type, f_alpha_divergence_coef: f-DPO score transform (reverse_kl, forward_kl,
+            js_divergence, alpha_divergence), for the losses built on the chosen-rejected difference.
+        ld_alpha: LD-DPO weight of the tokens beyond the shorter response (policy and reference).
+        use_weighting: WPO pair weights from the per-token ``log sum p^2`` of the same pass.
+        discopop_tau: DiscoPOP temperature.
+        token_weights: per-token weights shaped like ``labels`` inside every sequence sum.
+        pair_weights: per-pair weights multiplying the per-pair loss (Sem-DPO style).
+        desirable: bool ``[N]`` for unpaired losses (kto, bco); default ``[True]*N/2 + [False]*N/2``.
+        **variant_options: options of the chosen loss type(s) (see their docstrings).
+"""
+
+
+def _run(tok_fn, labels, n, have_ref_tokens, *, ref_logps, loss_type, beta, label_smoothing, loss_weights,
+         f_divergence_type, f_alpha_divergence_coef, ld_alpha, use_weighting, discopop_tau, ignore_index,
+         token_weights, pair_weights, desirable, variant_options):
+    plan = _plan(loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
+                 ld_alpha, use_weighting, discopop_tau, variant_options)
+    _validation.check_int(ignore_index, "ignore_index")
+    _check_batch(plan, n, desirable, ref_logps, have_ref_tokens, pair_weights, token_weights, labels)
+    tok = tok_fn()
+    return _loss_from_tokens(tok, labels, ref_logps=ref_logps, plan=plan, ld_alpha=ld_alpha,
+                             use_weighting=use_weighting, ignore_index=ignore_index, token_weights=token_weights,
+                             pair_weights=pair_weights, desirable=desirable)
 
 
 def dpo_loss(
@@ -257,48 +319,80 @@ def dpo_loss(
     *,
     ref_logits: torch.Tensor | None = None,
     ref_logps: torch.Tensor | None = None,
-    loss_type: str | Sequence[str] = "sigmoid",
-    beta: float = 0.1,
+    loss_type="sigmoid",
+    beta=0.1,
     label_smoothing: float = 0.0,
-    loss_weights: Sequence[float] | None = None,
+    loss_weights=None,
     f_divergence_type: str = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
     ld_alpha: float | None = None,
     use_weighting: bool = False,
     discopop_tau: float = 0.05,
     ignore_index: int = -100,
-    temperature: float = 1.0,
-    softcap: float | None = None,
+    backend="auto",
     token_weights: torch.Tensor | None = None,
     pair_weights: torch.Tensor | None = None,
-    inplace_backward: bool = False,
-    backend: str = "auto",
+    desirable: torch.Tensor | None = None,
     **variant_options,
 ) -> DPOOutput:
-    """DPO-family loss from policy logits ``[2B, T, V]`` (chosen rows, then rejected rows).
+    """DPO-family loss from policy logits in one fused pass over the vocabulary.
 
-    ``ref_logits`` (same shape, no gradient) are folded into the same kernel pass;
-    ``ref_logps`` (``[2B]``) are precomputed sequence log-probs. ``loss_type`` is a
-    registered objective or a list of them, combined with ``loss_weights``. See
-    :mod:`fastdpo.losses.dpo` and :mod:`fastdpo.losses.reference_free` for the formulas.
-    ``token_weights`` (shaped like labels) weight each token inside the sequence sums;
-    ``pair_weights`` (``[B]``) weight each pair's loss.
+    Args:
+        logits: ``[N, T, V]`` policy logits; dim 0 is ``[chosen; rejected]`` (N = 2B) or the
+            loss type's blocks. Any strides on N and T (``logits[:, :-1]`` is not copied).
+        labels: ``[N, T]`` token ids aligned with the logits (already shifted);
+            ``ignore_index`` marks prompt and padding.
+        ref_logits: reference-model logits shaped like ``logits`` (no gradient), or
+        ref_logps: ``[N]`` precomputed sequence-level reference log-probs in the same order.
+            With neither the loss is reference-free (log-ratios become policy log-probs), or an
+            error for losses that need a reference.
+        backend: kernel backend (``auto``, ``torch``, ``cpu``, ``triton``, ``cuda``).
+
+    Returns:
+        :class:`DPOOutput`.
+    """ + _LOSS_DOC
+    _validation.check_float_tensor(logits, "logits")
+    if logits.dim() != 3:
+        raise ValueError(f"fastdpo: logits must be [N, T, V] (N sequences), got shape {tuple(logits.shape)}")
+    _validation.check_labels(labels, logits)
+
+    def tok_fn():
+        return fused_logprobs(logits, labels, ref_logits=ref_logits, ignore_index=ignore_index, stats=True,
+                              backend=backend)
+
+    return _run(tok_fn, labels, logits.shape[0], ref_logits is not None, ref_logps=ref_logps, loss_type=loss_type,
+                beta=beta, label_smoothing=label_smoothing, loss_weights=loss_weights,
+                f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+                ld_alpha=ld_alpha, use_weighting=use_weighting, discopop_tau=discopop_tau,
+                ignore_index=ignore_index, token_weights=token_weights, pair_weights=pair_weights,
+                desirable=desirable, variant_options=variant_options)
+
+
+def _linear_logprobs(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ignore_index, backend,
+                     chunk_rows) -> FusedLogprobs:
+    """LM-head logits ``hidden @ weight.T + bias`` a chunk of rows at a time, each through the fused kernel.
+
+    The reference logits of a chunk are built without autograd and dropped after the chunk.
     """
-    cfg = make_config(
-        loss_type, beta, label_smoothing, loss_weights, f_divergence_type, f_alpha_divergence_coef, ld_alpha,
-        use_weighting, discopop_tau, **variant_options,
-    )
-    _validation.check_tensor(labels, "labels")
-    _check_pairs(labels, ref_logps, token_weights, pair_weights)
-    if ref_logits is not None and ref_logps is not None:
-        raise ValueError("fastdpo: pass either ref_logits or ref_logps, not both")
-    out = fused_logprobs(
-        logits, labels, ref_logits=ref_logits, ignore_index=ignore_index, temperature=temperature,
-        softcap=softcap, stats=True, inplace_backward=inplace_backward, backend=backend,
-    )
-    return compute_loss(
-        out.logps, labels, cfg, ref_token_logps=out.ref_logps, ref_logps=ref_logps, stats=out.stats,
-        ignore_index=ignore_index, token_weights=token_weights, pair_weights=pair_weights,
+    H = hidden.shape[-1]
+    h = hidden.reshape(-1, H)
+    y = labels.reshape(-1)
+    rh = ref_hidden.reshape(-1, H) if ref_hidden is not None else None
+    parts = []
+    for i in range(0, h.shape[0], chunk_rows):
+        j = min(h.shape[0], i + chunk_rows)
+        logits = F.linear(h[i:j], weight, bias)
+        ref = None
+        if rh is not None:
+            with torch.no_grad():
+                ref = F.linear(rh[i:j], ref_weight, ref_bias)
+        parts.append(fused_logprobs(logits, y[i:j], ref_logits=ref, ignore_index=ignore_index, stats=True,
+                                    backend=backend))
+    shape = labels.shape
+    return FusedLogprobs(
+        torch.cat([p.logps for p in parts]).view(shape),
+        torch.cat([p.ref_logps for p in parts]).view(shape) if rh is not None else None,
+        torch.cat([p.stats for p in parts]).view(*shape, -1),
     )
 
 
@@ -312,63 +406,90 @@ def linear_dpo_loss(
     ref_weight: torch.Tensor | None = None,
     ref_bias: torch.Tensor | None = None,
     ref_logps: torch.Tensor | None = None,
-    logit_scale: float = 1.0,
-    **loss_options,
+    loss_type="sigmoid",
+    beta=0.1,
+    label_smoothing: float = 0.0,
+    loss_weights=None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    ld_alpha: float | None = None,
+    use_weighting: bool = False,
+    discopop_tau: float = 0.05,
+    ignore_index: int = -100,
+    backend="auto",
+    token_weights: torch.Tensor | None = None,
+    pair_weights: torch.Tensor | None = None,
+    desirable: torch.Tensor | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    **variant_options,
 ) -> DPOOutput:
-    """:func:`dpo_loss` from hidden states ``[2B, T, H]`` and the LM-head ``weight [V, H]``.
+    """DPO-family loss from the LM head's inputs: ``logits = hidden @ weight.T (+ bias)``.
 
-    The logits ``hidden @ weight.T (+ bias)`` (times ``logit_scale``) are formed
-    here and the policy gradient is written into their own storage, so the only
-    ``[N, V]`` buffer is the logits themselves. ``ref_weight`` defaults to
-    ``weight`` (a reference sharing the LM head, e.g. a PEFT base model).
-    """
+    Args:
+        hidden: ``[N, T, H]`` final hidden states of the policy (dim 0 as in :func:`dpo_loss`).
+        weight: ``[V, H]`` LM-head weight; ``bias``: ``[V]`` or None.
+        labels: ``[N, T]`` as in :func:`dpo_loss`.
+        ref_hidden: ``[N, T, H]`` reference hidden states (no gradient); ``ref_weight`` /
+            ``ref_bias`` default to ``weight`` / ``bias`` (a shared, frozen head) when
+            ``ref_weight`` is None. Or ``ref_logps`` (``[N]``) instead.
+        chunk_rows: token rows turned into logits at a time.
+
+    Gradients flow to ``hidden``, ``weight`` and ``bias``.
+    """ + _LOSS_DOC
     _validation.check_float_tensor(hidden, "hidden")
     _validation.check_float_tensor(weight, "weight")
-    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+    if hidden.dim() != 3 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
-            f"fastdpo: weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
+            f"fastdpo: expected hidden [N, T, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
-    logits = F.linear(hidden, weight, bias)
-    if logit_scale != 1.0:
-        logits = logits * logit_scale
-    ref_logits = None
+    _validation.check_tensor(labels, "labels")
+    if tuple(labels.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"fastdpo: labels must have shape hidden.shape[:2] = {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"fastdpo: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if ref_hidden is not None:
         _validation.check_same_shape(hidden, ref_hidden, "hidden", "ref_hidden")
-        rw = weight if ref_weight is None else ref_weight
-        with torch.no_grad():
-            ref_logits = F.linear(ref_hidden, rw, ref_bias)
-            if logit_scale != 1.0:
-                ref_logits = ref_logits * logit_scale
+        if ref_weight is None:
+            ref_weight, ref_bias = weight, bias
+        elif tuple(ref_weight.shape) != tuple(weight.shape):
+            raise ValueError(f"fastdpo: ref_weight must have shape {tuple(weight.shape)}, got {tuple(ref_weight.shape)}")
     elif ref_weight is not None or ref_bias is not None:
-        raise ValueError("fastdpo: ref_weight/ref_bias were given without ref_hidden")
-    inplace = logits.requires_grad and not logits.is_leaf
-    return dpo_loss(logits, labels, ref_logits=ref_logits, ref_logps=ref_logps, inplace_backward=inplace,
-                    **loss_options)
+        raise ValueError("fastdpo: ref_weight/ref_bias need ref_hidden")
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows <= 0:
+        raise ValueError(f"fastdpo: chunk_rows must be a positive int, got {chunk_rows!r}")
+
+    def tok_fn():
+        return _linear_logprobs(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ignore_index,
+                                backend, chunk_rows)
+
+    return _run(tok_fn, labels, hidden.shape[0], ref_hidden is not None, ref_logps=ref_logps, loss_type=loss_type,
+                beta=beta, label_smoothing=label_smoothing, loss_weights=loss_weights,
+                f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+                ld_alpha=ld_alpha, use_weighting=use_weighting, discopop_tau=discopop_tau,
+                ignore_index=ignore_index, token_weights=token_weights, pair_weights=pair_weights,
+                desirable=desirable, variant_options=variant_options)
 
 
 class DPOLoss(torch.nn.Module):
-    """Module form of :func:`dpo_loss`; options are validated once at construction.
+    """``nn.Module`` form of :func:`dpo_loss`: options fixed at construction, overridable per call.
 
-    ``DPOLoss(loss_type="sigmoid", beta=0.1)(logits, labels, ref_logits=...)``.
+    ``DPOLoss(loss_type="ipo", beta=0.5)(logits, labels, ref_logits=ref) -> DPOOutput``
     """
 
-    def __init__(self, loss_type="sigmoid", *, ignore_index=-100, temperature=1.0, softcap=None, backend="auto",
-                 **options):
-        super().__init__()
-        make_config(loss_type, **options)  # fail early on bad options
-        self.kw = dict(loss_type=loss_type, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-                       backend=backend, **options)
+    _fn = staticmethod(dpo_loss)
 
-    def forward(self, logits, labels, *, ref_logits=None, ref_logps=None, token_weights=None,
-                pair_weights=None) -> DPOOutput:
-        return dpo_loss(logits, labels, ref_logits=ref_logits, ref_logps=ref_logps, token_weights=token_weights,
-                        pair_weights=pair_weights, **self.kw)
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def forward(self, *args, **kwargs) -> DPOOutput:
+        return type(self)._fn(*args, **{**self.options, **kwargs})
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if not isinstance(v, torch.Tensor))
 
 
 class LinearDPOLoss(DPOLoss):
-    """Module form of :func:`linear_dpo_loss`."""
+    """``nn.Module`` form of :func:`linear_dpo_loss`: ``LinearDPOLoss(...)(hidden, weight, labels, ...)``."""
 
-    def forward(self, hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=None, ref_bias=None,
-                ref_logps=None, token_weights=None) -> DPOOutput:
-        return linear_dpo_loss(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                               ref_bias=ref_bias, ref_logps=ref_logps, token_weights=token_weights, **self.kw)
+    _fn = staticmethod(linear_dpo_loss)

@@ -1,189 +1,165 @@
-"""The DPO-family objectives of TRL's ``DPOTrainer`` (``loss_type`` values), same
-names and formulas as TRL 1.16. Notation: ``h = beta * (score_w - score_l)``
-with scores the (f-divergence-mapped) policy/reference log-ratios,
-``r_w = log pi(y_w) - log ref(y_w)`` and ``r_l`` likewise, ``eps`` =
-``label_smoothing``, ``sigma`` the logistic function.
+r"""The DPOTrainer loss types, with TRL's names, formulas and defaults.
+
+Notation: :math:`\rho_w, \rho_l` are the chosen / rejected log-ratios
+:math:`\log\pi_\theta(y|x) - \log\pi_{ref}(y|x)` (the policy log-prob when reference-free),
+:math:`s_w, s_l` their f-divergence scores (:func:`f_divergence_scores`; equal to
+:math:`\rho` for reverse KL), :math:`\Delta = s_w - s_l`, :math:`\varepsilon` the
+``label_smoothing``, :math:`|y|` the number of response tokens.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from fastdpo.losses.registry import PairStats, register_loss
+from fastdpo.losses.registry import register_loss, smoothed_sigmoid_loss
 
 
-def _eps_in(lo: float, hi: float, lo_open: bool, what: str):
-    def check(opts):
-        eps = opts["label_smoothing"]
-        ok = (lo < eps if lo_open else lo <= eps) and eps < hi
-        if not ok:
-            bracket = "(" if lo_open else "["
-            raise ValueError(f"fastdpo: {what} needs label_smoothing in {bracket}{lo}, {hi}), got {eps}")
-
-    return check
+def _delta(s):
+    return s.chosen_scores - s.rejected_scores
 
 
-@register_loss("sigmoid", f_divergence=True)
-def sigmoid(s: PairStats) -> torch.Tensor:
-    """DPO (Rafailov et al., 2023, arXiv:2305.18290): ``-log sigma(h)``.
+def _check_robust(cfg):
+    if not (0.0 <= cfg.label_smoothing < 0.5):
+        raise ValueError(
+            f"fastdpo: loss_type='robust' needs label_smoothing (the label flip rate) in [0, 0.5), got {cfg.label_smoothing}"
+        )
 
-    With ``label_smoothing = eps > 0`` (opt-in, as older trainers did) it is
-    conservative DPO (cDPO, Mitchell 2023): ``-(1-eps) log sigma(h) - eps log sigma(-h)``.
+
+def _check_exo(cfg):
+    if not (0.0 < cfg.label_smoothing < 1.0):
+        raise ValueError(
+            f"fastdpo: loss_type='exo_pair' needs label_smoothing (epsilon) in (0, 1), got {cfg.label_smoothing}; "
+            "the EXO paper recommends 1e-3"
+        )
+
+
+def _check_cdpo(cfg):
+    if cfg.cdpo and not (0.0 <= cfg.label_smoothing <= 0.5):
+        raise ValueError(f"fastdpo: cDPO label_smoothing must lie in [0, 0.5], got {cfg.label_smoothing}")
+
+
+@register_loss("sigmoid", f_divergence=True, defaults={"cdpo": False}, validate=_check_cdpo)
+def sigmoid(s, cfg):
+    r"""DPO (Rafailov et al. 2023, arXiv:2305.18290): :math:`-\log\sigma(\beta\Delta)`.
+
+    With ``cdpo=True``, conservative DPO (Mitchell 2023, "A note on DPO with noisy
+    preferences"): :math:`-(1-\varepsilon)\log\sigma(\beta\Delta) - \varepsilon\log\sigma(-\beta\Delta)`.
+    (TRL's sigmoid ignores ``label_smoothing``; cDPO is therefore opt-in.)
     """
-    h = s.beta * s.delta_score
-    if s.label_smoothing:
-        return -(1 - s.label_smoothing) * F.logsigmoid(h) - s.label_smoothing * F.logsigmoid(-h)
-    return -F.logsigmoid(h)
+    return smoothed_sigmoid_loss(cfg.beta * _delta(s), cfg.label_smoothing if cfg.cdpo else 0.0)
 
 
 @register_loss("hinge", f_divergence=True)
-def hinge(s: PairStats) -> torch.Tensor:
-    """SLiC-HF hinge (Zhao et al., 2023, arXiv:2305.10425): ``relu(1 - h)``."""
-    return torch.relu(1 - s.beta * s.delta_score)
+def hinge(s, cfg):
+    r"""SLiC hinge loss (Zhao et al. 2023, arXiv:2305.10425): :math:`\max(0, 1 - \beta\Delta)`."""
+    return torch.relu(1 - cfg.beta * _delta(s))
 
 
 @register_loss("ipo", f_divergence=True)
-def ipo(s: PairStats) -> torch.Tensor:
-    """IPO (Azar et al., 2023, arXiv:2310.12036, Eq. 17), length-normalised as in TRL:
-    ``(score_w / |y_w| - score_l / |y_l| - 1 / (2 beta))^2``."""
-    delta = s.chosen_scores / s.chosen_lengths.clamp(min=1) - s.rejected_scores / s.rejected_lengths.clamp(min=1)
-    return (delta - 1 / (2 * s.beta)) ** 2
+def ipo(s, cfg):
+    r"""IPO (Azar et al. 2023, arXiv:2310.12036, Eq. 17) on length-normalised scores:
+    :math:`(s_w/|y_w| - s_l/|y_l| - 1/(2\beta))^2` (``beta`` is the paper's :math:`\tau`)."""
+    d = s.chosen_scores / s.chosen_tokens.clamp(min=1.0) - s.rejected_scores / s.rejected_tokens.clamp(min=1.0)
+    return (d - 1 / (2 * cfg.beta)) ** 2
 
 
-@register_loss("exo_pair", f_divergence=True, check=_eps_in(0.0, 1.0, True, "exo_pair"))
-def exo_pair(s: PairStats) -> torch.Tensor:
-    """EXO-pref (Ji et al., 2024, arXiv:2402.00856, Eq. 16):
-    ``sigma(h)(log sigma(h) - log(1-eps)) + sigma(-h)(log sigma(-h) - log eps)``, eps > 0."""
-    h = s.beta * s.delta_score
-    eps = torch.tensor(s.label_smoothing, dtype=h.dtype, device=h.device)
-    return torch.sigmoid(h) * (F.logsigmoid(h) - torch.log1p(-eps)) + torch.sigmoid(-h) * (
-        F.logsigmoid(-h) - torch.log(eps)
+@register_loss("exo_pair", f_divergence=True, validate=_check_exo)
+def exo_pair(s, cfg):
+    r"""EXO-pref (Ji et al. 2024, arXiv:2402.00856, Eq. 16), K = 2:
+    :math:`\mathrm{KL}(\mathrm{softmax}(\beta s)\,\|\,[1-\varepsilon, \varepsilon])`
+    :math:`= \sigma(z)(\log\sigma(z) - \log(1-\varepsilon)) + \sigma(-z)(\log\sigma(-z) - \log\varepsilon)`, :math:`z = \beta\Delta`."""
+    z = cfg.beta * _delta(s)
+    eps = torch.as_tensor(cfg.label_smoothing, dtype=z.dtype, device=z.device)
+    return torch.sigmoid(z) * (F.logsigmoid(z) - torch.log1p(-eps)) + torch.sigmoid(-z) * (
+        F.logsigmoid(-z) - torch.log(eps)
     )
 
 
-@register_loss("nca_pair", needs_reference=True)
-def nca_pair(s: PairStats) -> torch.Tensor:
-    """NCA (Chen et al., 2024, arXiv:2402.05369):
-    ``-log sigma(beta r_w) - 0.5 log sigma(-beta r_w) - 0.5 log sigma(-beta r_l)``."""
-    cw, cl = s.beta * s.chosen_logratios, s.beta * s.rejected_logratios
-    return -F.logsigmoid(cw) - 0.5 * F.logsigmoid(-cw) - 0.5 * F.logsigmoid(-cl)
+@register_loss("nca_pair", reference="required")
+def nca_pair(s, cfg):
+    r"""NCA (Chen et al. 2024, arXiv:2402.05369), :math:`r = \beta\rho`:
+    :math:`-\log\sigma(r_w) - \tfrac12\log\sigma(-r_w) - \tfrac12\log\sigma(-r_l)`."""
+    rw, rl = cfg.beta * s.chosen_logratios, cfg.beta * s.rejected_logratios
+    return -F.logsigmoid(rw) - 0.5 * F.logsigmoid(-rw) - 0.5 * F.logsigmoid(-rl)
 
 
-@register_loss("robust", f_divergence=True, check=_eps_in(0.0, 0.5, False, "robust"))
-def robust(s: PairStats) -> torch.Tensor:
-    """Robust DPO (Chowdhury et al., 2024, arXiv:2403.00409) for labels flipped with
-    probability eps < 0.5: ``(-(1-eps) log sigma(h) + eps log sigma(-h)) / (1 - 2 eps)``."""
-    h = s.beta * s.delta_score
-    eps = s.label_smoothing
-    return (-(1 - eps) * F.logsigmoid(h) + eps * F.logsigmoid(-h)) / (1 - 2 * eps)
+@register_loss("robust", f_divergence=True, validate=_check_robust)
+def robust(s, cfg):
+    r"""Robust DPO, rDPO (Chowdhury et al. 2024, arXiv:2403.00409), flip rate :math:`\varepsilon < 1/2`:
+    :math:`[-(1-\varepsilon)\log\sigma(\beta\Delta) + \varepsilon\log\sigma(-\beta\Delta)] / (1 - 2\varepsilon)`."""
+    z, eps = cfg.beta * _delta(s), cfg.label_smoothing
+    return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
 
 
-@register_loss("bco_pair", needs_reference=True)
-def bco_pair(s: PairStats) -> torch.Tensor:
-    """Paired BCO (Jung et al., 2024, arXiv:2404.04656) as in TRL:
-    ``-log sigma(beta r_w) - log sigma(-beta r_l)``."""
-    return -F.logsigmoid(s.beta * s.chosen_logratios) - F.logsigmoid(-s.beta * s.rejected_logratios)
+@register_loss("bco_pair", reference="required")
+def bco_pair(s, cfg):
+    r"""Paired BCO (Jung et al. 2024, arXiv:2404.04656) without the running mean:
+    :math:`-\log\sigma(\beta\rho_w) - \log\sigma(-\beta\rho_l)`."""
+    return -F.logsigmoid(cfg.beta * s.chosen_logratios) - F.logsigmoid(-cfg.beta * s.rejected_logratios)
 
 
-@register_loss("sppo_hard", needs_reference=True)
-def sppo_hard(s: PairStats) -> torch.Tensor:
-    """SPPO with hard win probabilities (Wu et al., 2024, arXiv:2405.00675, Eq. 4.7):
-    ``(r_w - 1/(2 beta))^2 + (r_l + 1/(2 beta))^2``."""
-    return (s.chosen_logratios - 0.5 / s.beta) ** 2 + (s.rejected_logratios + 0.5 / s.beta) ** 2
+@register_loss("sppo_hard", reference="required")
+def sppo_hard(s, cfg):
+    r"""SPPO with hard win probabilities (Wu et al. 2024, arXiv:2405.00675, Eq. 4.7 with P = 1 / 0):
+    :math:`(\rho_w - \tfrac{1}{2\beta})^2 + (\rho_l + \tfrac{1}{2\beta})^2`."""
+    return (s.chosen_logratios - 0.5 / cfg.beta) ** 2 + (s.rejected_logratios + 0.5 / cfg.beta) ** 2
 
 
-def _smoothed_logistic(delta: torch.Tensor, s: PairStats) -> torch.Tensor:
-    return -F.logsigmoid(s.beta * delta) * (1 - s.label_smoothing) - F.logsigmoid(-s.beta * delta) * s.label_smoothing
+def _sorted(x):
+    return torch.sort(x, dim=0)[0]
 
 
-@register_loss("aot", needs_reference=True)
-def aot(s: PairStats) -> torch.Tensor:
-    """AOT, paired (Melnyk et al., 2024, arXiv:2406.05882): the sorted policy log-ratio
-    margins minus the sorted reference margins through the (smoothed) logistic loss."""
-    pol = torch.sort(s.chosen_logps - s.rejected_logps, dim=0).values
-    ref = torch.sort(s.ref_chosen_logps - s.ref_rejected_logps, dim=0).values
-    return _smoothed_logistic(pol - ref, s)
+@register_loss("aot", weighting=False)
+def aot(s, cfg):
+    r"""AOT, paired (Melnyk et al. 2024, arXiv:2406.05882): with
+    :math:`\delta = \mathrm{sort}(\log\pi_w - \log\pi_l) - \mathrm{sort}(\log\pi^{ref}_w - \log\pi^{ref}_l)`
+    over the batch, :math:`-(1-\varepsilon)\log\sigma(\beta\delta) - \varepsilon\log\sigma(-\beta\delta)`."""
+    pol = s.chosen_logps - s.rejected_logps
+    ref = 0.0 if s.ref_logps is None else _sorted(s.ref_chosen_logps - s.ref_rejected_logps)
+    return smoothed_sigmoid_loss(cfg.beta * (_sorted(pol) - ref), cfg.label_smoothing)
 
 
-@register_loss("aot_unpaired", needs_reference=True)
-def aot_unpaired(s: PairStats) -> torch.Tensor:
-    """AOT, unpaired (Melnyk et al., 2024): sorted chosen log-ratios minus sorted rejected ones."""
-    w = torch.sort(s.chosen_logratios, dim=0).values
-    l_ = torch.sort(s.rejected_logratios, dim=0).values
-    return _smoothed_logistic(w - l_, s)
+@register_loss("aot_unpaired", reference="required", weighting=False)
+def aot_unpaired(s, cfg):
+    r"""AOT, unpaired (Melnyk et al. 2024, arXiv:2406.05882): :math:`\delta = \mathrm{sort}(\rho_w) - \mathrm{sort}(\rho_l)`,
+    :math:`-(1-\varepsilon)\log\sigma(\beta\delta) - \varepsilon\log\sigma(-\beta\delta)`."""
+    return smoothed_sigmoid_loss(cfg.beta * (_sorted(s.chosen_logratios) - _sorted(s.rejected_logratios)), cfg.label_smoothing)
 
 
-@register_loss("apo_zero", needs_reference=True)
-def apo_zero(s: PairStats) -> torch.Tensor:
-    """APO-zero (D'Oosterlinck et al., 2024, arXiv:2408.06266, Eq. 7):
-    ``1 - sigma(beta r_w) + sigma(beta r_l)``."""
-    return 1 - torch.sigmoid(s.beta * s.chosen_logratios) + torch.sigmoid(s.beta * s.rejected_logratios)
+@register_loss("apo_zero", reference="required")
+def apo_zero(s, cfg):
+    r"""APO-zero (D'Oosterlinck et al. 2024, arXiv:2408.06266, Eq. 7):
+    :math:`1 - \sigma(\beta\rho_w) + \sigma(\beta\rho_l)`."""
+    return 1 - torch.sigmoid(cfg.beta * s.chosen_logratios) + torch.sigmoid(cfg.beta * s.rejected_logratios)
 
 
-@register_loss("apo_down", needs_reference=True)
-def apo_down(s: PairStats) -> torch.Tensor:
-    """APO-down (D'Oosterlinck et al., 2024, Eq. 8):
-    ``sigma(beta r_w) + 1 - sigma(beta (r_w - r_l))``."""
-    return torch.sigmoid(s.beta * s.chosen_logratios) + 1 - torch.sigmoid(
-        s.beta * (s.chosen_logratios - s.rejected_logratios)
-    )
+@register_loss("apo_down", reference="required")
+def apo_down(s, cfg):
+    r"""APO-down (D'Oosterlinck et al. 2024, arXiv:2408.06266, Eq. 8):
+    :math:`\sigma(\beta\rho_w) + 1 - \sigma(\beta(\rho_w - \rho_l))`."""
+    rw = s.chosen_logratios
+    return torch.sigmoid(cfg.beta * rw) + 1 - torch.sigmoid(cfg.beta * (rw - s.rejected_logratios))
 
 
 @register_loss("discopop", f_divergence=True)
-def discopop(s: PairStats) -> torch.Tensor:
-    """DiscoPOP / log-ratio modulated loss (Chan Lu et al., 2024, arXiv:2406.08414, Eq. 5):
-    ``m = sigma(h / tau)``, ``(1 - m)(-log sigma(h)) + m exp(-h)``."""
-    h = s.beta * s.delta_score
-    m = torch.sigmoid(h / s.option("discopop_tau", 0.05))
-    return -F.logsigmoid(h) * (1 - m) + torch.exp(-h) * m
+def discopop(s, cfg):
+    r"""DiscoPOP log-ratio modulated loss (Chris Lu et al. 2024, arXiv:2406.08414, Eq. 5), :math:`z = \beta\Delta`,
+    :math:`m = \sigma(z/\tau)`: :math:`(1-m)(-\log\sigma(z)) + m\,e^{-z}` (``tau = discopop_tau``)."""
+    z = cfg.beta * _delta(s)
+    m = torch.sigmoid(z / cfg.discopop_tau)
+    return -F.logsigmoid(z) * (1 - m) + torch.exp(-z) * m
 
 
-@register_loss("sft", f_divergence=True, nll=True)
-def sft(s: PairStats) -> torch.Tensor:
-    """Supervised fine-tuning on the chosen responses: the mean NLL over all chosen
-    completion tokens of the batch, repeated per pair (its mean is that value)."""
-    nll = -(s.chosen_token_logps * s.chosen_mask).sum() / s.chosen_mask.sum().clamp(min=1)
-    return nll.expand(s.chosen_logps.shape[0])
+@register_loss("sft", reference="unused", f_divergence=True)
+def sft(s, cfg):
+    r"""Supervised fine-tuning on the chosen responses: token-mean NLL
+    :math:`-\sum_t \log\pi(y_{w,t}) / \sum |y_w|` (a batch scalar; combine with other losses via a list)."""
+    return s.nll(0)
 
 
 @register_loss("sigmoid_norm", f_divergence=True)
-def sigmoid_norm(s: PairStats) -> torch.Tensor:
-    """Length-normalised DPO (as TRL's ``sigmoid_norm``):
-    ``-log sigma(beta (score_w / |y_w| - score_l / |y_l|))``."""
-    delta = s.chosen_scores / s.chosen_lengths.clamp(min=1) - s.rejected_scores / s.rejected_lengths.clamp(min=1)
-    return -F.logsigmoid(s.beta * delta)
-
-
-TRL_LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
-)
-
-
-def f_divergence_scores(logratios: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:
-    r"""Map log-ratios ``log t`` to ``f'(t)`` of the f-divergence (Wang et al., 2023,
-    "Beyond Reverse KL", arXiv:2309.16240), as TRL does:
-
-    reverse_kl: ``log t``; forward_kl: ``1 - 1/t``; js_divergence: ``log 2 + log sigma(log t)``;
-    alpha_divergence: ``(t^(alpha-1) - 1) / (alpha - 1)`` with the exponent clamped so
-    ``exp`` stays finite in the working dtype (reverse KL at alpha = 1).
-    """
-    if kind == "reverse_kl":
-        return logratios
-    if kind == "forward_kl":
-        return 1 - torch.exp(-logratios)
-    if kind == "js_divergence":
-        return math.log(2) + F.logsigmoid(logratios)
-    if kind == "alpha_divergence":
-        if abs(alpha - 1.0) < 1e-6:
-            return logratios
-        t = (alpha - 1.0) * logratios
-        clamp_max = {torch.float16: 11.0}.get(t.dtype, 80.0)
-        return (torch.exp(torch.clamp(t.float(), max=clamp_max)) - 1.0).to(t.dtype) / (alpha - 1.0)
-    raise ValueError(
-        f"fastdpo: unknown f_divergence_type {kind!r}; expected reverse_kl, forward_kl, js_divergence or "
-        "alpha_divergence"
-    )
+def sigmoid_norm(s, cfg):
+    r"""Length-normalised DPO (as in TRL): :math:`-\log\sigma(\beta(s_w/|y_w| - s_l/|y_l|))`."""
+    d = s.chosen_scores / s.chosen_tokens.clamp(min=1.0) - s.rejected_scores / s.rejected_tokens.clamp(min=1.0)
+    return -F.logsigmoid(cfg.beta * d)

@@ -1,6 +1,7 @@
-"""Reference-free objectives with length normalisation or an NLL term (TRL's CPO
-and ORPO trainers): SimPO, CPO, AlphaPO, ORPO. ``avg_w = log pi(y_w) / |y_w|``.
-Options (``**variant_options``): ``simpo_gamma``, ``cpo_alpha``, ``alpha``.
+r"""Reference-free objectives with an optional NLL term: CPO, SimPO, AlphaPO, ORPO.
+
+:math:`\ell` is a sequence log-prob (summed, or length-normalised :math:`\bar\ell = \ell/|y|`),
+:math:`\mathrm{NLL}` the token-mean cross-entropy over the chosen responses.
 """
 
 from __future__ import annotations
@@ -10,62 +11,92 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastdpo.losses.registry import PairStats, register_loss
-
-
-def chosen_nll(s: PairStats) -> torch.Tensor:
-    """Mean negative log-likelihood over all chosen completion tokens of the batch."""
-    return -(s.chosen_token_logps * s.chosen_mask).sum() / s.chosen_mask.sum().clamp(min=1)
-
-
-def _avg(s: PairStats) -> tuple[torch.Tensor, torch.Tensor]:
-    return s.chosen_logps / s.chosen_lengths.clamp(min=1), s.rejected_logps / s.rejected_lengths.clamp(min=1)
-
-
-def _smoothed(h: torch.Tensor, eps: float) -> torch.Tensor:
-    return -F.logsigmoid(h) * (1 - eps) - F.logsigmoid(-h) * eps
-
-
-@register_loss("simpo", reference_free=True)
-def simpo(s: PairStats) -> torch.Tensor:
-    """SimPO (Meng et al., 2024, arXiv:2405.14734, Eq. 6):
-    ``-log sigma(beta (avg_w - avg_l) - gamma)``, gamma = ``simpo_gamma`` (default 0.5)."""
-    w, l_ = _avg(s)
-    return _smoothed(s.beta * (w - l_) - s.option("simpo_gamma", 0.5), s.label_smoothing)
-
-
-@register_loss("cpo", reference_free=True, nll=True)
-def cpo(s: PairStats) -> torch.Tensor:
-    """CPO (Xu et al., 2024, arXiv:2401.08417, Eq. 3 + NLL):
-    ``-log sigma(beta (log pi(y_w) - log pi(y_l))) + cpo_alpha * NLL(y_w)`` (cpo_alpha default 1)."""
-    pref = _smoothed(s.beta * (s.chosen_logps - s.rejected_logps), s.label_smoothing)
-    return pref + s.option("cpo_alpha", 1.0) * chosen_nll(s)
-
-
-@register_loss("alphapo", reference_free=True)
-def alphapo(s: PairStats) -> torch.Tensor:
-    """AlphaPO (Gupta et al., 2025, arXiv:2501.03884): SimPO with the reward
-    ``r = (1 - p^-alpha) / alpha`` of the length-normalised probability ``p = exp(avg)``:
-    ``-log sigma(beta (r_w - r_l) - gamma)`` (alpha default 0.25; alpha -> 0 is SimPO)."""
-    alpha = s.option("alpha", 0.25)
-    w, l_ = _avg(s)
-    if abs(alpha) < 1e-12:
-        rw, rl = w, l_
-    else:
-        rw, rl = (1 - torch.exp(-alpha * w)) / alpha, (1 - torch.exp(-alpha * l_)) / alpha
-    return _smoothed(s.beta * (rw - rl) - s.option("simpo_gamma", 0.5), s.label_smoothing)
+from fastdpo.losses.registry import register_loss, smoothed_sigmoid_loss
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """``log(1 - exp(x))`` for x <= 0, accurate at both ends (Maechler, 2012)."""
+    """``log(1 - exp(x))`` for x <= 0, accurate near 0 and near -inf (Maechler 2012)."""
+    x = x.clamp(max=-torch.finfo(x.dtype).tiny)
     return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-@register_loss("orpo", reference_free=True, nll=True)
-def orpo(s: PairStats) -> torch.Tensor:
-    """ORPO (Hong et al., 2024, arXiv:2403.07691, Eq. 6-7):
-    ``NLL(y_w) - beta log sigma(log odds(y_w) - log odds(y_l))`` with
-    ``log odds(y) = avg - log(1 - exp(avg))``."""
-    w, l_ = _avg(s)
-    log_odds = (w - l_) - (log1mexp(w) - log1mexp(l_))
-    return chosen_nll(s) - s.beta * F.logsigmoid(log_odds)
+def _cpo_rewards(s, cfg):
+    """AlphaPO transform :math:`r = (1 - p^{-\\alpha})/\\alpha = -\\mathrm{expm1}(-\\alpha\\ell)/\\alpha` (``\\ell`` when alpha = 0)."""
+    ell = s.mean_logps if cfg.length_normalize else s.logps
+    if cfg.alpha != 0:
+        ell = -torch.expm1(-cfg.alpha * ell) / cfg.alpha
+    return s.block(ell, 0), s.block(ell, 1)
+
+
+def _cpo_family(s, cfg):
+    r"""CPO / SimPO / AlphaPO: with rewards :math:`r_w, r_l` (:func:`_cpo_rewards`),
+    :math:`z = \beta(r_w - r_l) - \gamma`,
+    loss :math:`-(1-\varepsilon)\log\sigma(z) - \varepsilon\log\sigma(-z) + \lambda\,\mathrm{NLL}` (``cpo_alpha`` = :math:`\lambda`)."""
+    rw, rl = _cpo_rewards(s, cfg)
+    loss = smoothed_sigmoid_loss(cfg.beta * (rw - rl) - cfg.simpo_gamma, cfg.label_smoothing)
+    if cfg.cpo_alpha != 0:
+        nll = s.nll(0)
+        s.metrics["nll_loss"] = nll
+        loss = loss + cfg.cpo_alpha * nll
+    elif cfg.log_nll:
+        s.metrics["nll_loss"] = s.nll(0)
+    return loss
+
+
+def _rewards(s, cfg):
+    rw, rl = _cpo_rewards(s, cfg)
+    return cfg.beta * rw, cfg.beta * rl
+
+
+_DOC = _cpo_family.__doc__
+
+
+@register_loss("cpo", reference="unused", rewards=_rewards,
+               defaults={"cpo_alpha": 1.0, "alpha": 0.0, "simpo_gamma": 0.0, "length_normalize": False, "log_nll": True})
+def cpo(s, cfg):
+    return _cpo_family(s, cfg)
+
+
+cpo.__doc__ = "CPO (Xu et al. 2024, arXiv:2401.08417): summed log-probs, NLL weight ``cpo_alpha`` (default 1).\n" + _DOC
+
+
+@register_loss("simpo", reference="unused", rewards=_rewards,
+               defaults={"simpo_gamma": 0.5, "cpo_alpha": 0.0, "alpha": 0.0, "length_normalize": True, "log_nll": False})
+def simpo(s, cfg):
+    return _cpo_family(s, cfg)
+
+
+simpo.__doc__ = (
+    "SimPO (Meng et al. 2024, arXiv:2405.14734): length-normalised log-probs, margin ``simpo_gamma``"
+    " (TRL's CPO ``loss_type='simpo'``; add ``cpo_alpha`` for CPO-SimPO).\n" + _DOC
+)
+
+
+@register_loss("alphapo", reference="unused", rewards=_rewards,
+               defaults={"alpha": 0.25, "simpo_gamma": 0.5, "cpo_alpha": 0.0, "length_normalize": True, "log_nll": False})
+def alphapo(s, cfg):
+    return _cpo_family(s, cfg)
+
+
+alphapo.__doc__ = (
+    "AlphaPO (Gupta et al. 2025, arXiv:2501.03884): SimPO with the reward shape "
+    r":math:`r = (1 - \bar p^{-\alpha})/\alpha` (TRL's CPO ``alpha``).""\n" + _DOC
+)
+
+
+def _orpo_rewards(s, cfg):
+    return cfg.beta * s.block(s.mean_logps, 0), cfg.beta * s.block(s.mean_logps, 1)
+
+
+@register_loss("orpo", reference="unused", rewards=_orpo_rewards)
+def orpo(s, cfg):
+    r"""ORPO (Hong et al. 2024, arXiv:2403.07691, Eqs. 4-7), on length-normalised log-probs :math:`\bar\ell`:
+    :math:`\log\mathrm{odds} = \bar\ell - \log(1 - e^{\bar\ell})` (safe ``log1mexp``),
+    loss :math:`\mathrm{NLL} - \beta\log\sigma(\log\mathrm{odds}_w - \log\mathrm{odds}_l)`.
+    Logs ``nll_loss``, ``log_odds_ratio`` and ``log_odds_chosen`` as TRL does."""
+    lw, ll = s.block(s.mean_logps, 0), s.block(s.mean_logps, 1)
+    log_odds = (lw - ll) - (log1mexp(lw) - log1mexp(ll))
+    ratio = F.logsigmoid(log_odds)
+    nll = s.nll(0)
+    s.metrics.update({"nll_loss": nll, "log_odds_ratio": ratio.detach().mean(), "log_odds_chosen": log_odds.detach().mean()})
+    return nll - cfg.beta * ratio

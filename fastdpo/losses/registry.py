@@ -1,80 +1,125 @@
-"""Registry of preference objectives written as small torch functions.
+"""Registry of preference objectives written as small torch functions of sequence-level statistics.
 
-An objective never touches the vocabulary: it receives a :class:`PairStats`
-(sequence-level log-probs of the chosen and rejected halves of the batch, their
-reference counterparts, f-divergence scores, token counts, per-token log-probs
-for NLL terms) and returns the per-pair loss ``[B]``. The kernels did the
-vocabulary-wide work; autograd carries each token's coefficient back to them.
+An objective never sees the vocabulary. It receives a :class:`SequenceStats`
+(policy / reference sequence log-probs, token counts, the batch layout) and a
+:class:`LossConfig` (beta and the other options) and returns per-pair (or
+per-sequence) losses, which the caller averages; or a 0-d tensor when the
+objective is already a batch mean. Register a new one with::
 
-Add your own::
+    @register_loss("my_loss", defaults={"gamma": 1.0})
+    def my_loss(s, cfg):
+        return -F.logsigmoid(cfg.beta * (s.chosen_logratios - s.rejected_logratios) - cfg.gamma)
 
-    @fastdpo.register_loss("my_loss", needs_reference=True)
-    def my_loss(s: fastdpo.PairStats) -> torch.Tensor:
-        return -torch.nn.functional.logsigmoid(s.beta * (s.chosen_logratios - s.rejected_logratios) - 0.1)
+and call ``fastdpo.dpo_loss(..., loss_type="my_loss", gamma=2.0)``; no kernel changes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
+
+Objective = Callable[["SequenceStats", "LossConfig"], torch.Tensor]
 
 
 @dataclasses.dataclass
-class PairStats:
-    """Sequence-level inputs of a paired objective; every tensor is ``[B]`` unless noted.
+class SequenceStats:
+    """Sequence-level inputs of an objective; dim 0 of every tensor is the batch of sequences.
 
-    ``*_logps`` are sums of per-token log-probs over the completion (with LD-DPO
-    and per-token weights applied), differentiable for the policy. Without a
-    reference, ``ref_*_logps`` are zeros and ``has_reference`` is False.
-    ``*_scores`` are the log-ratios mapped by the f-divergence (equal to the
-    log-ratios for reverse KL). ``*_lengths`` count completion tokens (float).
-    ``*_token_logps`` / ``*_mask`` are ``[B, T]``, for NLL-type terms.
+    The batch is ``num_blocks`` equal blocks (``[chosen; rejected]`` for pairs,
+    ``[chosen; rejected; gold]`` for TPO, ``[rank 1; ...; rank K]`` for listwise
+    objectives). ``logps`` / ``ref_logps`` are the (LD-DPO / per-token weighted)
+    sums the losses use; ``sum_logps`` is the plain sum of policy token log-probs
+    (for NLL terms, as cross-entropy over response tokens); ``n_tokens`` counts
+    the response tokens. ``ref_logps`` is None when reference-free. ``desirable``
+    (unpaired objectives) marks desirable sequences. Objectives may add entries to
+    ``metrics``.
     """
 
-    chosen_logps: torch.Tensor
-    rejected_logps: torch.Tensor
-    ref_chosen_logps: torch.Tensor
-    ref_rejected_logps: torch.Tensor
-    chosen_scores: torch.Tensor
-    rejected_scores: torch.Tensor
-    chosen_lengths: torch.Tensor
-    rejected_lengths: torch.Tensor
-    chosen_token_logps: torch.Tensor
-    rejected_token_logps: torch.Tensor
-    chosen_mask: torch.Tensor
-    rejected_mask: torch.Tensor
-    has_reference: bool
-    beta: float
-    label_smoothing: float = 0.0
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    logps: torch.Tensor
+    ref_logps: torch.Tensor | None
+    sum_logps: torch.Tensor
+    n_tokens: torch.Tensor
+    num_blocks: int = 2
+    desirable: torch.Tensor | None = None
+    scores: torch.Tensor | None = None  # f-divergence transform of logratios (set by the caller)
+    metrics: dict = dataclasses.field(default_factory=dict)
+
+    def block(self, x: torch.Tensor | None, i: int) -> torch.Tensor | None:
+        return None if x is None else x.chunk(self.num_blocks, dim=0)[i]
+
+    def blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """``[K*B] -> [B, K]`` (column k is block k)."""
+        return x.view(self.num_blocks, -1).t()
 
     @property
-    def chosen_logratios(self) -> torch.Tensor:
-        return self.chosen_logps - self.ref_chosen_logps
+    def logratios(self) -> torch.Tensor:
+        """log pi(y|x) - log pi_ref(y|x) (the policy log-prob itself when reference-free)."""
+        return self.logps if self.ref_logps is None else self.logps - self.ref_logps
 
     @property
-    def rejected_logratios(self) -> torch.Tensor:
-        return self.rejected_logps - self.ref_rejected_logps
+    def mean_logps(self) -> torch.Tensor:
+        """Length-normalised policy log-probs ``logps / max(n_tokens, 1)``."""
+        return self.logps / self.n_tokens.clamp(min=1.0)
 
-    @property
-    def delta_score(self) -> torch.Tensor:
-        return self.chosen_scores - self.rejected_scores
+    chosen_logps = property(lambda s: s.block(s.logps, 0))
+    rejected_logps = property(lambda s: s.block(s.logps, 1))
+    ref_chosen_logps = property(lambda s: s.block(s.ref_logps, 0))
+    ref_rejected_logps = property(lambda s: s.block(s.ref_logps, 1))
+    chosen_logratios = property(lambda s: s.block(s.logratios, 0))
+    rejected_logratios = property(lambda s: s.block(s.logratios, 1))
+    chosen_tokens = property(lambda s: s.block(s.n_tokens, 0))
+    rejected_tokens = property(lambda s: s.block(s.n_tokens, 1))
+    chosen_scores = property(lambda s: s.block(s.scores, 0))
+    rejected_scores = property(lambda s: s.block(s.scores, 1))
 
-    def option(self, name: str, default: Any) -> Any:
-        return self.options.get(name, default)
+    def nll(self, block: int = 0) -> torch.Tensor:
+        """Token-mean negative log-likelihood of one block (cross-entropy over its response tokens)."""
+        return -self.block(self.sum_logps, block).sum() / self.block(self.n_tokens, block).sum().clamp(min=1.0)
+
+
+class LossConfig:
+    """Options of one objective: ``beta`` (a float, or a per-pair tensor), ``label_smoothing``,
+    ``discopop_tau``, ``f_divergence_type``, ``f_alpha_divergence_coef`` and the objective's
+    own options (its registered defaults overridden by the caller), as attributes."""
+
+    def __init__(self, **options: Any):
+        self.__dict__.update(options)
+
+    def __repr__(self) -> str:
+        return f"LossConfig({', '.join(f'{k}={v!r}' for k, v in self.__dict__.items())})"
 
 
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
+    """A registered objective and how to call it.
+
+    ``reference``: "required" (error without one), "optional" (reference-free when
+    absent: log-ratios become policy log-probs) or "unused".
+    ``f_divergence``: accepts ``f_divergence_type`` other than reverse_kl.
+    ``weighting``: accepts WPO ``use_weighting``.
+    ``num_blocks``: blocks in dim 0 (an int, or a function of the config).
+    ``rewards``: ``(s, cfg) -> (chosen_rewards, rejected_rewards)`` for logging;
+    default ``beta * logratios`` of blocks 0 and 1.
+    ``validate``: ``cfg -> None`` raising ValueError on bad options.
+    """
+
     name: str
-    fn: Callable[[PairStats], torch.Tensor]
-    needs_reference: bool  # an error without ref_logits / ref_logps
-    reference_free: bool  # an error with them (the objective has no reference term)
-    f_divergence: bool  # accepts f_divergence_type other than reverse_kl (TRL's rule)
-    check: Callable[[dict[str, Any]], None] | None  # validates the loss's own options
-    nll: bool  # has an NLL term: metrics report nll_loss
+    fn: Objective
+    reference: str = "optional"
+    f_divergence: bool = False
+    weighting: bool = True
+    num_blocks: int | Callable[[LossConfig], int] = 2
+    unpaired: bool = False
+    defaults: dict = dataclasses.field(default_factory=dict)
+    rewards: Callable | None = None
+    validate: Callable[[LossConfig], None] | None = None
+
+    def blocks(self, cfg: LossConfig) -> int:
+        return self.num_blocks(cfg) if callable(self.num_blocks) else self.num_blocks
 
 
 _REGISTRY: dict[str, LossSpec] = {}
@@ -83,31 +128,73 @@ _REGISTRY: dict[str, LossSpec] = {}
 def register_loss(
     name: str,
     *,
-    needs_reference: bool = False,
-    reference_free: bool = False,
+    reference: str = "optional",
     f_divergence: bool = False,
-    check: Callable[[dict[str, Any]], None] | None = None,
-    nll: bool = False,
+    weighting: bool = True,
+    num_blocks: int | Callable[[LossConfig], int] = 2,
+    unpaired: bool = False,
+    defaults: dict | None = None,
+    rewards: Callable | None = None,
+    validate: Callable[[LossConfig], None] | None = None,
+    overwrite: bool = False,
 ):
-    """Decorator: register ``fn(stats: PairStats) -> per-pair loss [B]`` under ``name``."""
+    """Decorator registering ``fn(s: SequenceStats, cfg: LossConfig) -> Tensor`` under ``name``."""
+    if reference not in ("required", "optional", "unused"):
+        raise ValueError(f"fastdpo: reference must be 'required', 'optional' or 'unused', got {reference!r}")
 
-    def deco(fn):
-        if name in _REGISTRY:
-            raise ValueError(f"fastdpo: a loss named {name!r} is already registered")
-        _REGISTRY[name] = LossSpec(name, fn, needs_reference, reference_free, f_divergence, check, nll)
+    def deco(fn: Objective) -> Objective:
+        if name in _REGISTRY and not overwrite:
+            raise ValueError(f"fastdpo: a loss named {name!r} is already registered (pass overwrite=True)")
+        _REGISTRY[name] = LossSpec(
+            name, fn, reference, f_divergence, weighting, num_blocks, unpaired, dict(defaults or {}), rewards, validate
+        )
         return fn
 
     return deco
 
 
 def get_loss(name: str) -> LossSpec:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"fastdpo: unknown loss_type {name!r}; registered: {', '.join(sorted(_REGISTRY))}"
-        ) from None
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"fastdpo: unknown loss_type {name!r}; expected one of {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
 
 
-def registered_losses() -> list[str]:
+def available_losses() -> list[str]:
     return sorted(_REGISTRY)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared pieces of objectives
+
+
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
+def f_divergence_scores(logratios: torch.Tensor, kind: str, alpha_coef: float) -> torch.Tensor:
+    r"""f'(pi/pi_ref) of the f-DPO paper (Wang et al. 2023, arXiv:2309.16240), as TRL computes it.
+
+    reverse_kl: :math:`\log t`; forward_kl: :math:`1 - 1/t`; js_divergence: :math:`\log 2 + \log\sigma(\log t)`;
+    alpha_divergence: :math:`(t^{\alpha-1} - 1)/(\alpha - 1)` with the exponent clamped at 80 (11 in float16),
+    and :math:`\log t` when :math:`|\alpha - 1| < 10^{-6}`.
+    """
+    if kind == "reverse_kl":
+        return logratios
+    if kind == "forward_kl":
+        return 1 - torch.exp(-logratios)
+    if kind == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratios)
+    if kind == "alpha_divergence":
+        if abs(alpha_coef - 1.0) < 1e-6:
+            return logratios
+        t = (alpha_coef - 1.0) * logratios
+        clamp_max = 11.0 if t.dtype == torch.float16 else 80.0
+        return (torch.exp(torch.clamp(t.float(), max=clamp_max)) - 1.0).to(t.dtype) / (alpha_coef - 1.0)
+    raise ValueError(f"fastdpo: unknown f_divergence_type {kind!r}; expected one of {', '.join(F_DIVERGENCES)}")
+
+
+def smoothed_sigmoid_loss(z: torch.Tensor, eps) -> torch.Tensor:
+    """``-(1 - eps) log sigma(z) - eps log sigma(-z)`` (conservative / label-smoothed logistic loss)."""
+    loss = -F.logsigmoid(z)
+    if isinstance(eps, torch.Tensor) or eps != 0:
+        loss = loss * (1 - eps) - F.logsigmoid(-z) * eps
+    return loss
