@@ -7,6 +7,7 @@ the per-token / per-sequence log-probs those kernels return.
 
 from fastdpo._backends import Backend, BackendUnavailableError, available_backends
 from fastdpo._build import BuildError
+from fastdpo.ops.linear import linear_token_logprobs
 from fastdpo.ops.logprobs import FusedLogprobs, TokenLogprobs, fused_logprobs, token_logprobs
 from fastdpo.losses import (
     BCOLoss,
@@ -41,6 +42,7 @@ __all__ = [
     "TokenLogprobs",
     "available_backends",
     "fused_logprobs",
+    "linear_token_logprobs",
     "token_logprobs",
     "__version__",
 ]

@@ -296,7 +296,7 @@ def test_linear_form_matches_naive(loss_type, backend):
     extra = dict(kl=0.1) if loss_type == "kto" else {}
     h, w, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
     out = L.linear_dpo_loss(h, w, labels, bias=b, ref_hidden=ref_hidden, loss_type=loss_type, backend=backend,
-                            chunk_rows=7, **extra)
+                            memory_budget=7 * V * 4, **extra)
     out.loss.backward()
     h64, w64, b64 = (t.double().requires_grad_(True) for t in (hidden, weight, bias))
     logits64 = h64 @ w64.t() + b64
@@ -416,7 +416,7 @@ def test_linear_form_separate_reference_head_equals_dpo_loss():
     _, _, labels = _data(n, T=T, seed=1)
     h = hidden.clone().requires_grad_(True)
     out = L.LinearDPOLoss(loss_type="ipo", ld_alpha=0.5, backend="cpu")(
-        h, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, chunk_rows=3)
+        h, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, memory_budget=3 * V * 4)
     out.loss.backward()
     h2 = hidden.clone().requires_grad_(True)
     ref = L.dpo_loss(h2 @ weight.t(), labels, ref_logits=ref_hidden @ ref_weight.t(), loss_type="ipo", ld_alpha=0.5,

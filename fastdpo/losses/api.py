@@ -12,16 +12,12 @@ import dataclasses
 import numbers
 
 import torch
-import torch.nn.functional as F
 
 from fastdpo import _validation
 from fastdpo.losses import registry
 from fastdpo.losses.registry import LossConfig, SequenceStats, f_divergence_scores
+from fastdpo.ops import linear
 from fastdpo.ops.logprobs import FusedLogprobs, fused_logprobs
-
-# Rows of hidden states turned into logits at a time by linear_dpo_loss.
-DEFAULT_CHUNK_ROWS = 1024
-
 
 @dataclasses.dataclass
 class DPOOutput:
@@ -368,32 +364,12 @@ def dpo_loss(
                 desirable=desirable, variant_options=variant_options)
 
 
-def _linear_logprobs(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ignore_index, backend,
-                     chunk_rows) -> FusedLogprobs:
-    """LM-head logits ``hidden @ weight.T + bias`` a chunk of rows at a time, each through the fused kernel.
-
-    The reference logits of a chunk are built without autograd and dropped after the chunk.
-    """
-    H = hidden.shape[-1]
-    h = hidden.reshape(-1, H)
-    y = labels.reshape(-1)
-    rh = ref_hidden.reshape(-1, H) if ref_hidden is not None else None
-    parts = []
-    for i in range(0, h.shape[0], chunk_rows):
-        j = min(h.shape[0], i + chunk_rows)
-        logits = F.linear(h[i:j], weight, bias)
-        ref = None
-        if rh is not None:
-            with torch.no_grad():
-                ref = F.linear(rh[i:j], ref_weight, ref_bias)
-        parts.append(fused_logprobs(logits, y[i:j], ref_logits=ref, ignore_index=ignore_index, stats=True,
-                                    backend=backend))
-    shape = labels.shape
-    return FusedLogprobs(
-        torch.cat([p.logps for p in parts]).view(shape),
-        torch.cat([p.ref_logps for p in parts]).view(shape) if rh is not None else None,
-        torch.cat([p.stats for p in parts]).view(*shape, -1),
-    )
+def _groups(plan: _Plan, n: int, desirable) -> list[list[int]]:
+    """Sequence indices of each group whose loss terms belong together (pairs, K-way lists)."""
+    if plan.unpaired:
+        return [[i] for i in range(n)]
+    g = n // plan.num_blocks
+    return [[i + k * g for k in range(plan.num_blocks)] for i in range(g)]
 
 
 def linear_dpo_loss(
@@ -420,54 +396,80 @@ def linear_dpo_loss(
     token_weights: torch.Tensor | None = None,
     pair_weights: torch.Tensor | None = None,
     desirable: torch.Tensor | None = None,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    strategy: str = "auto",
+    memory_budget: int | None = None,
     **variant_options,
 ) -> DPOOutput:
-    """DPO-family loss from the LM head's inputs: ``logits = hidden @ weight.T (+ bias)``.
+    """DPO-family loss from the LM head's inputs, ``logits = logit_scale * (hidden @ weight.T + bias)``,
+    never holding more than ``memory_budget`` bytes of logits.
 
     Args:
         hidden: ``[N, T, H]`` final hidden states of the policy (dim 0 as in :func:`dpo_loss`).
-        weight: ``[V, H]`` LM-head weight; ``bias``: ``[V]`` or None.
+        weight: ``[V, H]`` LM-head weight (dtype of ``hidden``); ``bias``: ``[V]`` or None.
         labels: ``[N, T]`` as in :func:`dpo_loss`.
         ref_hidden: ``[N, T, H]`` reference hidden states (no gradient); ``ref_weight`` /
             ``ref_bias`` default to ``weight`` / ``bias`` (a shared, frozen head) when
             ``ref_weight`` is None. Or ``ref_logps`` (``[N]``) instead.
-        chunk_rows: token rows turned into logits at a time.
+        temperature, softcap: as in :func:`fastdpo.token_logprobs` (e.g. Gemma-2's
+            ``final_logit_softcapping``); ``logit_scale``: multiplies the logits first (Cohere).
+        strategy: ``"recompute"`` (forward keeps per-token log-sum-exp only; backward projects
+            every tile again: 4 policy GEMM passes), ``"grad_in_forward"`` (each chunk of whole
+            pairs is projected once and its gradient formed in forward: 3 policy GEMM passes;
+            needs a separable loss and a pair's logits within ``memory_budget``; only ``.loss``
+            carries the gradient) or ``"auto"`` (grad_in_forward when allowed and a gradient is
+            needed, else recompute).
+        memory_budget: bytes of logits held at once (default: ``$FASTDPO_LINEAR_BUDGET_MB``,
+            else 1 GiB on GPUs, 256 MiB on CPU).
 
-    Gradients flow to ``hidden``, ``weight`` and ``bias``.
+    Gradients flow to ``hidden``, ``weight`` and ``bias``, accumulated in fp32.
     """ + _LOSS_DOC
-    _validation.check_float_tensor(hidden, "hidden")
-    _validation.check_float_tensor(weight, "weight")
-    if hidden.dim() != 3 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"fastdpo: expected hidden [N, T, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}"
-        )
-    _validation.check_tensor(labels, "labels")
-    if tuple(labels.shape) != tuple(hidden.shape[:2]):
-        raise ValueError(f"fastdpo: labels must have shape hidden.shape[:2] = {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"fastdpo: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if ref_hidden is not None:
-        _validation.check_same_shape(hidden, ref_hidden, "hidden", "ref_hidden")
-        if ref_weight is None:
-            ref_weight, ref_bias = weight, bias
-        elif tuple(ref_weight.shape) != tuple(weight.shape):
-            raise ValueError(f"fastdpo: ref_weight must have shape {tuple(weight.shape)}, got {tuple(ref_weight.shape)}")
-    elif ref_weight is not None or ref_bias is not None:
-        raise ValueError("fastdpo: ref_weight/ref_bias need ref_hidden")
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows <= 0:
-        raise ValueError(f"fastdpo: chunk_rows must be a positive int, got {chunk_rows!r}")
+    _validation.check_tensor(hidden, "hidden")
+    if hidden.dim() != 3:
+        raise ValueError(f"fastdpo: hidden must be [N, T, H] (N sequences), got shape {tuple(hidden.shape)}")
+    if strategy not in linear.STRATEGIES:
+        raise ValueError(f"fastdpo: unknown strategy {strategy!r}; expected one of {', '.join(linear.STRATEGIES)}")
+    plan = _plan(loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
+                 ld_alpha, use_weighting, discopop_tau, variant_options)
+    _validation.check_int(ignore_index, "ignore_index")
+    h, y, rh, rw, rb, idx, o = linear.prepare(
+        hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
+        ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+        memory_budget=memory_budget, backend=backend)
+    n, T = labels.shape
+    _check_batch(plan, n, desirable, ref_logps, ref_hidden is not None, pair_weights, token_weights, labels)
 
-    def tok_fn():
-        return _linear_logprobs(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ignore_index,
-                                backend, chunk_rows)
+    def finish(tok: FusedLogprobs) -> DPOOutput:
+        return _loss_from_tokens(tok, labels, ref_logps=ref_logps, plan=plan, ld_alpha=ld_alpha,
+                                 use_weighting=use_weighting, ignore_index=ignore_index, token_weights=token_weights,
+                                 pair_weights=pair_weights, desirable=desirable)
 
-    return _run(tok_fn, labels, hidden.shape[0], ref_hidden is not None, ref_logps=ref_logps, loss_type=loss_type,
-                beta=beta, label_smoothing=label_smoothing, loss_weights=loss_weights,
-                f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
-                ld_alpha=ld_alpha, use_weighting=use_weighting, discopop_tau=discopop_tau,
-                ignore_index=ignore_index, token_weights=token_weights, pair_weights=pair_weights,
-                desirable=desirable, variant_options=variant_options)
+    need = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    chunks = None
+    if strategy != "recompute" and any(need):
+        budget = o.rows * weight.shape[0] * hidden.element_size()
+        not_separable = [sp.name for sp, _, _ in plan.terms if not sp.separable]
+        if not not_separable:
+            counts = (labels != ignore_index).sum(1).tolist()
+            chunks = linear.group_chunks(counts, _groups(plan, n, desirable), weight.shape[0], hidden.element_size(),
+                                         budget)
+        if chunks is None and strategy == "grad_in_forward":
+            why = (f"loss_type {not_separable} is not separable over pairs" if not_separable else
+                   f"one pair's logits exceed memory_budget={budget} bytes")
+            raise ValueError(f"fastdpo: strategy='grad_in_forward' cannot be used: {why}; use strategy='recompute' "
+                             "or 'auto'")
+    if chunks is None:
+        tok = linear._LinearLogprobsFunction.apply(h, weight, bias, y, idx, rh, rw, rb, True, o)
+        logp, ref, st = tok
+        return finish(FusedLogprobs(logp.view(n, T), ref.view(n, T) if rh is not None else None, st.view(n, T, -1)))
+    res = linear.linear_grad_in_forward(h, weight, bias, y, rh, rw, rb, o, T, chunks, lambda tok: finish(tok).loss,
+                                        *need)
+    with torch.no_grad():
+        out = finish(res.tokens)
+    out.loss = linear.AttachGrads.apply(out.loss, (res.grad_hidden, res.grad_weight, res.grad_bias), h, weight, bias)
+    return out
 
 
 class DPOLoss(torch.nn.Module):

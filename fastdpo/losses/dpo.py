@@ -110,7 +110,7 @@ def _sorted(x):
     return torch.sort(x, dim=0)[0]
 
 
-@register_loss("aot", weighting=False)
+@register_loss("aot", weighting=False, separable=False)
 def aot(s, cfg):
     r"""AOT, paired (Melnyk et al. 2024, arXiv:2406.05882): with
     :math:`\delta = \mathrm{sort}(\log\pi_w - \log\pi_l) - \mathrm{sort}(\log\pi^{ref}_w - \log\pi^{ref}_l)`
@@ -120,7 +120,7 @@ def aot(s, cfg):
     return smoothed_sigmoid_loss(cfg.beta * (_sorted(pol) - ref), cfg.label_smoothing)
 
 
-@register_loss("aot_unpaired", reference="required", weighting=False)
+@register_loss("aot_unpaired", reference="required", weighting=False, separable=False)
 def aot_unpaired(s, cfg):
     r"""AOT, unpaired (Melnyk et al. 2024, arXiv:2406.05882): :math:`\delta = \mathrm{sort}(\rho_w) - \mathrm{sort}(\rho_l)`,
     :math:`-(1-\varepsilon)\log\sigma(\beta\delta) - \varepsilon\log\sigma(-\beta\delta)`."""

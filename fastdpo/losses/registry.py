@@ -105,6 +105,10 @@ class LossSpec:
     ``rewards``: ``(s, cfg) -> (chosen_rewards, rejected_rewards)`` for logging;
     default ``beta * logratios`` of blocks 0 and 1.
     ``validate``: ``cfg -> None`` raising ValueError on bad options.
+    ``separable``: a group's (pair's) gradient does not depend on the values of other groups
+    (true for per-pair losses and for batch means with value-independent normalisers; false
+    when the batch is sorted or a batch statistic of the values enters, as in AOT and BCO).
+    The fused-linear gradient-in-forward strategy needs it.
     """
 
     name: str
@@ -117,6 +121,7 @@ class LossSpec:
     defaults: dict = dataclasses.field(default_factory=dict)
     rewards: Callable | None = None
     validate: Callable[[LossConfig], None] | None = None
+    separable: bool = True
 
     def blocks(self, cfg: LossConfig) -> int:
         return self.num_blocks(cfg) if callable(self.num_blocks) else self.num_blocks
@@ -136,9 +141,15 @@ def register_loss(
     defaults: dict | None = None,
     rewards: Callable | None = None,
     validate: Callable[[LossConfig], None] | None = None,
+    separable: bool | None = None,
     overwrite: bool = False,
 ):
-    """Decorator registering ``fn(s: SequenceStats, cfg: LossConfig) -> Tensor`` under ``name``."""
+    """Decorator registering ``fn(s: SequenceStats, cfg: LossConfig) -> Tensor`` under ``name``.
+
+    ``separable`` (see :class:`LossSpec`) defaults to False for objectives defined outside
+    fastdpo, so a user's loss is never given the gradient-in-forward strategy unless it says
+    ``separable=True``.
+    """
     if reference not in ("required", "optional", "unused"):
         raise ValueError(f"fastdpo: reference must be 'required', 'optional' or 'unused', got {reference!r}")
 
@@ -146,7 +157,8 @@ def register_loss(
         if name in _REGISTRY and not overwrite:
             raise ValueError(f"fastdpo: a loss named {name!r} is already registered (pass overwrite=True)")
         _REGISTRY[name] = LossSpec(
-            name, fn, reference, f_divergence, weighting, num_blocks, unpaired, dict(defaults or {}), rewards, validate
+            name, fn, reference, f_divergence, weighting, num_blocks, unpaired, dict(defaults or {}), rewards, validate,
+            fn.__module__.startswith("fastdpo.") if separable is None else bool(separable),
         )
         return fn
 

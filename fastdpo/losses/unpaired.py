@@ -55,7 +55,7 @@ def apo_zero_unpaired(s, cfg):
     return torch.where(s.desirable, cfg.desirable_weight * (1 - z), cfg.undesirable_weight * z)
 
 
-@register_loss("bco", reference="required", unpaired=True, weighting=False, defaults={"running": None, "delta": None})
+@register_loss("bco", reference="required", unpaired=True, weighting=False, separable=False, defaults={"running": None, "delta": None})
 def bco(s, cfg):
     r"""BCO (Jung et al. 2024, arXiv:2404.04656) without the density-ratio (UDM) weights: reward
     :math:`r = \beta\rho`, shift :math:`\delta` = running mean of the batch-mean rewards (no gradient),

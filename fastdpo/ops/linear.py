@@ -1,0 +1,388 @@
+r"""Fused linear log-probs: LM-head inputs (hidden states, weight, bias) in, per-token
+log-probs out, without ever holding the ``[tokens x vocab]`` logits.
+
+The projection runs a tile of tokens at a time into one reusable buffer
+(``memory_budget`` bytes); each tile is folded by the backend's fused forward
+kernel (log-sum-exp, label logit, statistics) while it is hot, and for the
+gradient the backend's backward kernel overwrites the tile with
+``d loss / d logits`` before two GEMMs turn it into the hidden and weight
+gradients (accumulated in fp32). Tokens whose label is ``ignore_index`` are
+never projected: their log-prob is 0 and their gradient is 0.
+
+Two exact strategies (see docs/architecture.md for their costs):
+
+* **recompute** (:class:`_LinearLogprobsFunction`): forward keeps only the
+  per-token log-sum-exp; backward projects each tile again and forms its
+  gradient. Policy: 4 GEMM passes (forward, recompute, two gradients).
+* **gradient in forward** (:func:`linear_grad_in_forward`): for a chunk of whole
+  sequence groups (pairs) whose logits fit the budget, forward folds the tile,
+  asks the caller for the per-token loss coefficients of that chunk and forms
+  the gradient at once. Policy: 3 GEMM passes. Exact when the loss is
+  separable over groups (a group's gradient does not depend on other groups'
+  values), which the loss registry records per objective.
+
+With ``logit_scale`` s, temperature T and soft cap c the logits are
+``z = c * tanh(s * (h W^T + b) / c) / T`` (the soft cap only when c is given).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, NamedTuple
+
+import torch
+
+from fastdpo import _backends, _validation
+from fastdpo._backends import Backend
+from fastdpo.ops.logprobs import FusedLogprobs, _resolve
+from fastdpo.ops.schema import NUM_STATS
+
+STRATEGIES = ("auto", "recompute", "grad_in_forward")
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes of logits one tile may hold: ``$FASTDPO_LINEAR_BUDGET_MB``, else 1 GiB on GPUs and 256 MiB on CPU."""
+    env = os.environ.get("FASTDPO_LINEAR_BUDGET_MB")
+    if env:
+        return int(float(env) * (1 << 20))
+    return (1 << 30) if device.type == "cuda" else (256 << 20)
+
+
+class _Opts(NamedTuple):
+    ignore_index: int
+    temperature: float
+    softcap: float  # 0 = none
+    scale: float
+    backend: str
+    rows: int  # token rows per tile
+
+
+def _project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
+             out: torch.Tensor) -> torch.Tensor:
+    """``out = scale * (h @ weight.T + bias)`` in place (beta=0 ignores out's old contents)."""
+    if bias is None:
+        return torch.addmm(out, h, weight.t(), beta=0, alpha=scale, out=out)
+    return torch.addmm(bias.expand_as(out), h, weight.t(), beta=scale, alpha=scale, out=out)
+
+
+def _fold(kern, x: torch.Tensor, y: torch.Tensor, o: _Opts, stats: bool):
+    """Fused forward over one tile of logits ``x [r, V]``: (logp, lse, stats|None)."""
+    logp, lse, _, st = kern.logprobs_fwd(x.unsqueeze(0), y.unsqueeze(0), None, o.ignore_index, o.temperature,
+                                         o.softcap, stats)
+    return logp[0], lse[0], (st[0] if stats else None)
+
+
+class _Grads:
+    """fp32 accumulators for the weight and bias gradients plus the hidden gradient rows."""
+
+    def __init__(self, hidden, weight, bias, need_h, need_w, need_b):
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.h = torch.zeros_like(hidden) if need_h else None
+        self.w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        self.b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if (need_b and bias is not None) else None
+        # CPU reduced-precision GEMMs are fast only in the "A @ B.T" layout (10-25x
+        # slower otherwise on oneDNN/MKL), so the backward GEMMs are arranged that way.
+        self.nt = weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
+        self.wt = weight.t().contiguous() if (self.nt and need_h) else None
+
+    def add_tile(self, kern, x, g, y, lse, h_rows, idx, weight, o: _Opts):
+        """Turn the logits tile ``x`` into its gradient in place and accumulate the GEMMs."""
+        kern.logprobs_bwd(g.unsqueeze(0), x.unsqueeze(0), y.unsqueeze(0), lse.unsqueeze(0), o.ignore_index,
+                          o.temperature, o.softcap, True)
+        if self.h is not None:
+            gh = torch.mm(x, self.wt.t()) if self.nt else torch.mm(x, weight)
+            self.h.index_copy_(0, idx, gh.mul_(o.scale) if o.scale != 1.0 else gh)
+        if self.w is not None:
+            if self.w.dtype == x.dtype:
+                self.w.addmm_(x.t(), h_rows, alpha=o.scale)
+            elif self.nt:  # bf16/fp16 GEMM, fp32 accumulation across tiles
+                self.w.add_(torch.mm(x.t().contiguous(), h_rows.t().contiguous().t()), alpha=o.scale)
+            else:
+                self.w.add_(torch.mm(x.t(), h_rows), alpha=o.scale)
+        if self.b is not None:
+            self.b.add_(x.sum(0, dtype=self.b.dtype), alpha=o.scale)
+
+    def result(self, weight, bias):
+        gw = self.w.to(weight.dtype) if self.w is not None else None
+        gb = self.b.to(bias.dtype) if self.b is not None else None
+        return self.h, gw, gb
+
+
+def _tiles(n: int, rows: int):
+    for i in range(0, n, rows):
+        yield i, min(n, i + rows)
+
+
+def _fold_all(kern, h, weight, bias, y, idx, o: _Opts, stats: bool, out_logp, out_lse=None, out_stats=None):
+    """Forward fold of the valid rows ``idx`` of ``h`` into the full-length outputs (no gradient)."""
+    n = idx.numel()
+    if n == 0:
+        return
+    buf = h.new_empty(min(o.rows, n), weight.shape[0])
+    for i, j in _tiles(n, o.rows):
+        sel = idx[i:j]
+        x = _project(h.index_select(0, sel), weight, bias, o.scale, buf[: j - i])
+        lp, lse, st = _fold(kern, x, y.index_select(0, sel), o, stats)
+        out_logp.index_copy_(0, sel, lp)
+        if out_lse is not None:
+            out_lse.index_copy_(0, sel, lse)
+        if stats:
+            out_stats.index_copy_(0, sel, st)
+
+
+class _LinearLogprobsFunction(torch.autograd.Function):
+    """Recompute strategy: forward folds tiles (saving only lse), backward re-projects them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, idx, ref_hidden, ref_weight, ref_bias, stats, o: _Opts):
+        kern = _backends.kernel_module(Backend(o.backend))
+        M = hidden.shape[0]
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        logp = torch.zeros(M, dtype=acc, device=hidden.device)
+        lse = torch.zeros_like(logp)
+        st = torch.zeros(M, NUM_STATS, dtype=acc, device=hidden.device) if stats else logp.new_empty(0)
+        ref = torch.zeros_like(logp) if ref_hidden is not None else logp.new_empty(0)
+        if ref_hidden is not None:
+            _fold_all(kern, ref_hidden, ref_weight, ref_bias, labels, idx, o, False, ref)
+        _fold_all(kern, hidden, weight, bias, labels, idx, o, stats, logp, lse, st)
+        ctx.save_for_backward(hidden, weight, bias, labels, idx, lse)
+        ctx.o = o
+        ctx.mark_non_differentiable(ref, st)
+        return logp, ref, st
+
+    @staticmethod
+    def backward(ctx, grad_logp, _g_ref, _g_st):
+        hidden, weight, bias, labels, idx, lse = ctx.saved_tensors
+        o = ctx.o
+        kern = _backends.kernel_module(Backend(o.backend))
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
+        n = idx.numel()
+        if n:
+            buf = hidden.new_empty(min(o.rows, n), weight.shape[0])
+            g = grad_logp.contiguous()
+            for i, j in _tiles(n, o.rows):
+                sel = idx[i:j]
+                h_rows = hidden.index_select(0, sel)
+                x = _project(h_rows, weight, bias, o.scale, buf[: j - i])
+                grads.add_tile(kern, x, g.index_select(0, sel), labels.index_select(0, sel), lse.index_select(0, sel),
+                               h_rows, sel, weight, o)
+        gh, gw, gb = grads.result(weight, bias)
+        return gh, gw, gb, None, None, None, None, None, None, None
+
+
+def _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias):
+    _validation.check_float_tensor(hidden, "hidden")
+    _validation.check_float_tensor(weight, "weight")
+    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"fastdpo: expected hidden [..., H] and weight [V, H] with the same H, got {tuple(hidden.shape)} "
+            f"and {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("fastdpo: weight has an empty vocabulary dimension")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"fastdpo: hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"fastdpo: weight is on {weight.device} but hidden is on {hidden.device}")
+    _validation.check_tensor(labels, "labels")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"fastdpo: labels must be an integer tensor (token ids), got {labels.dtype}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"fastdpo: labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
+                         f"got {tuple(labels.shape)}")
+    if labels.device != hidden.device:
+        raise ValueError(f"fastdpo: labels are on {labels.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        _validation.check_float_tensor(bias, "bias")
+        if tuple(bias.shape) != (weight.shape[0],) or bias.dtype != weight.dtype:
+            raise ValueError(f"fastdpo: bias must be a ({weight.shape[0]},) {weight.dtype} tensor, "
+                             f"got {tuple(bias.shape)} {bias.dtype}")
+    if ref_hidden is not None:
+        _validation.check_float_tensor(ref_hidden, "ref_hidden")
+        _validation.check_same_shape(hidden, ref_hidden, "hidden", "ref_hidden")
+        if ref_hidden.dtype != hidden.dtype:
+            raise TypeError(f"fastdpo: ref_hidden must have the dtype of hidden ({hidden.dtype}), got {ref_hidden.dtype}")
+        if ref_weight is not None:
+            _validation.check_float_tensor(ref_weight, "ref_weight")
+            if tuple(ref_weight.shape) != tuple(weight.shape) or ref_weight.dtype != weight.dtype:
+                raise ValueError(f"fastdpo: ref_weight must be a {tuple(weight.shape)} {weight.dtype} tensor, "
+                                 f"got {tuple(ref_weight.shape)} {ref_weight.dtype}")
+            if ref_bias is not None and (tuple(ref_bias.shape) != (weight.shape[0],) or ref_bias.dtype != weight.dtype):
+                raise ValueError(f"fastdpo: ref_bias must be a ({weight.shape[0]},) {weight.dtype} tensor, "
+                                 f"got {tuple(ref_bias.shape)} {ref_bias.dtype}")
+    elif ref_weight is not None or ref_bias is not None:
+        raise ValueError("fastdpo: ref_weight/ref_bias need ref_hidden")
+
+
+def prepare(hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=None, ref_bias=None,
+            ignore_index=-100, temperature=1.0, softcap=None, logit_scale=1.0, memory_budget=None,
+            backend="auto"):
+    """Validate the inputs of the fused-linear path and fix its options.
+
+    Returns ``(h [M, H], y [M], rh, ref_weight, ref_bias, idx, opts)``: flattened tokens, the
+    indices of the tokens that count (one device sync) and the tile options.
+    """
+    _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias)
+    ignore_index = _validation.check_int(ignore_index, "ignore_index")
+    temperature = _validation.check_positive(temperature, "temperature")
+    softcap = _validation.check_positive(softcap, "softcap", allow_none=True) or 0.0
+    logit_scale = _validation.check_positive(logit_scale, "logit_scale")
+    V, H = weight.shape
+    if memory_budget is None:
+        memory_budget = default_memory_budget(hidden.device)
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0:
+        raise ValueError(f"fastdpo: memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    rows = max(1, memory_budget // (V * hidden.element_size()))
+    backend = _resolve(str(backend), hidden.device.type)
+    y = labels.reshape(-1).long()
+    _validation.check_label_range(y, V, ignore_index)
+    h = hidden.reshape(-1, H)
+    if ref_hidden is not None:
+        ref_hidden = ref_hidden.detach().reshape(-1, H)
+        if ref_weight is None:
+            ref_weight, ref_bias = weight, bias
+        ref_weight = ref_weight.detach()
+        ref_bias = ref_bias.detach() if ref_bias is not None else None
+    idx = torch.nonzero(y != ignore_index).squeeze(1)
+    return h, y, ref_hidden, ref_weight, ref_bias, idx, _Opts(ignore_index, temperature, softcap, logit_scale, backend, rows)
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    stats: bool = False,
+    memory_budget: int | None = None,
+    backend: str | Backend = "auto",
+) -> FusedLogprobs:
+    """Per-token log-probs of ``labels`` under ``logits = logit_scale * (hidden @ weight.T + bias)``
+    (soft-capped, temperature-scaled as in :func:`fastdpo.token_logprobs`), never holding more than
+    ``memory_budget`` bytes of logits.
+
+    Args:
+        hidden: ``[..., H]`` (any float dtype shared with ``weight``); ``weight``: ``[V, H]``;
+            ``bias``: ``[V]`` or None. ``labels``: ``hidden.shape[:-1]`` token ids, ``ignore_index``
+            where nothing counts.
+        ref_hidden: reference hidden states shaped like ``hidden`` (no gradient), projected by
+            ``ref_weight``/``ref_bias`` (default: ``weight``/``bias``) in the same tile loop.
+        stats: also return the per-token statistics of :func:`fastdpo.fused_logprobs`.
+        memory_budget: bytes of logits per tile (default :func:`default_memory_budget`).
+
+    Returns:
+        :class:`FusedLogprobs` shaped like ``labels``; ``logps`` is differentiable w.r.t.
+        ``hidden``, ``weight`` and ``bias`` (recompute strategy: backward projects each tile again).
+    """
+    h, y, rh, rw, rb, idx, o = prepare(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden,
+                                       ref_weight=ref_weight, ref_bias=ref_bias, ignore_index=ignore_index,
+                                       temperature=temperature, softcap=softcap, logit_scale=logit_scale,
+                                       memory_budget=memory_budget, backend=backend)
+    logp, ref, st = _LinearLogprobsFunction.apply(h, weight, bias, y, idx, rh, rw, rb, bool(stats), o)
+    shape = labels.shape
+    return FusedLogprobs(logp.view(shape), ref.view(shape) if rh is not None else None,
+                         st.view(*shape, NUM_STATS) if stats else None)
+
+
+class GradInForward(NamedTuple):
+    """Result of :func:`linear_grad_in_forward`: detached per-token outputs and the gradients
+    of the caller's loss w.r.t. ``hidden`` (flattened ``[M, H]``), ``weight`` and ``bias``."""
+
+    tokens: FusedLogprobs
+    grad_hidden: torch.Tensor | None
+    grad_weight: torch.Tensor | None
+    grad_bias: torch.Tensor | None
+
+
+def group_chunks(counts: list[int], groups: list[list[int]], V: int, elem: int, budget: int) -> list[list[int]] | None:
+    """Pack whole groups of sequences (``groups[g]``: its sequence indices; ``counts[s]``: the
+    valid tokens of sequence s) into chunks whose logits fit ``budget`` bytes; None if one group
+    alone does not fit."""
+    chunks, cur, cur_bytes = [], [], 0
+    for g in groups:
+        b = sum(counts[s] for s in g) * V * elem
+        if b > budget:
+            return None
+        if cur and cur_bytes + b > budget:
+            chunks.append(cur)
+            cur, cur_bytes = [], 0
+        cur.extend(g)
+        cur_bytes += b
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+@torch.no_grad()
+def linear_grad_in_forward(h, weight, bias, y, rh, rw, rb, o: _Opts, seq_len: int, chunks: list[list[int]],
+                           coef_fn: Callable[[FusedLogprobs], torch.Tensor],
+                           need_h: bool, need_w: bool, need_b: bool) -> GradInForward:
+    """Gradient-in-forward strategy over ``chunks`` (lists of sequence indices, whole groups each).
+
+    For each chunk: fold the reference tile, fold the policy tile (kept in the buffer), call
+    ``coef_fn(tokens)`` with the per-token outputs so far (later chunks hold zeros) to get
+    ``d loss / d logp`` for every token, and turn the buffered tile into its gradient. The
+    coefficients of a chunk must not depend on the values of later chunks (a separable loss).
+    """
+    kern = _backends.kernel_module(Backend(o.backend))
+    M = h.shape[0]
+    N = M // seq_len
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    logp = torch.zeros(M, dtype=acc, device=h.device)
+    st = torch.zeros(M, NUM_STATS, dtype=acc, device=h.device)
+    ref = torch.zeros_like(logp) if rh is not None else None
+    grads = _Grads(h, weight, bias, need_h, need_w, need_b)
+    mask = (y != o.ignore_index).view(N, seq_len)
+    # Token indices of every chunk with one device sync: sequences in chunk order, then split.
+    order = torch.tensor([s for c in chunks for s in c], device=h.device, dtype=torch.long)
+    tok = (order.unsqueeze(1) * seq_len + torch.arange(seq_len, device=h.device)).reshape(-1)
+    tok = tok[mask.index_select(0, order).reshape(-1)]
+    sizes = mask.sum(1).tolist()
+    chunk_tok = torch.split(tok, [sum(sizes[s] for s in c) for c in chunks])
+    rows = max((t.numel() for t in chunk_tok), default=0)
+    buf = h.new_empty(rows, weight.shape[0]) if rows else None
+    shape = (N, seq_len)
+    for sel in chunk_tok:
+        n = sel.numel()
+        if n == 0:
+            continue
+        ys = y.index_select(0, sel)
+        x = buf[:n]
+        if rh is not None:
+            ref.index_copy_(0, sel, _fold(kern, _project(rh.index_select(0, sel), rw, rb, o.scale, x), ys, o, False)[0])
+        h_rows = h.index_select(0, sel)
+        lp, lse, s = _fold(kern, _project(h_rows, weight, bias, o.scale, x), ys, o, True)
+        logp.index_copy_(0, sel, lp)
+        st.index_copy_(0, sel, s)
+        with torch.enable_grad():
+            leaf = logp.view(shape).detach().requires_grad_()
+            loss = coef_fn(FusedLogprobs(leaf, ref.view(shape) if ref is not None else None, st.view(*shape, NUM_STATS)))
+            (coef,) = torch.autograd.grad(loss, leaf, allow_unused=True)
+        if coef is None:
+            continue  # the loss does not depend on the policy log-probs
+        grads.add_tile(kern, x, coef.reshape(-1).index_select(0, sel).contiguous(), ys, lse, h_rows, sel, weight, o)
+    tokens = FusedLogprobs(logp.view(shape), ref.view(shape) if ref is not None else None, st.view(*shape, NUM_STATS))
+    return GradInForward(tokens, *grads.result(weight, bias))
+
+
+class AttachGrads(torch.autograd.Function):
+    """``value`` (a detached loss) made differentiable w.r.t. ``inputs`` with gradients already
+    computed: backward returns ``grad_output * grad`` for each."""
+
+    @staticmethod
+    def forward(ctx, value, grads, *inputs):
+        ctx.grads = grads
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        out = [None if g is None else (g * grad_out.to(g.dtype) if grad_out.numel() == 1 else g) for g in ctx.grads]
+        return (None, None, *out)
