@@ -70,3 +70,38 @@ def loss_from_token_logprobs(logps: torch.Tensor, labels: torch.Tensor, *, ref_t
                      use_weighting=opts["use_weighting"], discopop_tau=opts["discopop_tau"],
                      ignore_index=ignore_index, token_weights=token_weights, pair_weights=pair_weights,
                      desirable=desirable, variant_options=variant)
+
+
+def pair_losses(loss_type: str, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None,
+                **options):
+    """Per-pair losses and detached ``(chosen_rewards, rejected_rewards)`` of a registered objective from
+    sequence-level log-probs ``[B]`` (no token counts: length-normalising objectives see 1 token per sequence,
+    i.e. the inputs are used as given)."""
+    from fastdpo.losses.registry import LossConfig, SequenceStats, f_divergence_scores, get_loss
+
+    spec = get_loss(loss_type)
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError("fastdpo: pass both reference log-probs or neither")
+    logps = torch.cat([chosen_logps, rejected_logps])
+    ref = None if ref_chosen_logps is None else torch.cat([ref_chosen_logps, ref_rejected_logps]).detach()
+    if spec.reference == "required" and ref is None:
+        raise ValueError(f"fastdpo: loss_type={loss_type!r} needs reference log-probs")
+    if spec.reference == "unused":
+        ref = None
+    s = SequenceStats(logps, ref, logps, torch.ones_like(logps), 2)
+    common = {k: options.pop(k, LOSS_DEFAULTS[k]) for k in
+              ("beta", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef", "discopop_tau")}
+    unknown = set(options) - set(spec.defaults)
+    if unknown:
+        raise TypeError(f"fastdpo: unexpected option(s) {sorted(unknown)} for loss_type {loss_type!r}")
+    cfg = LossConfig(**common, **{k: options.get(k, v) for k, v in spec.defaults.items()})
+    if spec.validate is not None:
+        spec.validate(cfg)
+    s.scores = f_divergence_scores(s.logratios, cfg.f_divergence_type, cfg.f_alpha_divergence_coef)
+    losses = spec.fn(s, cfg)
+    with torch.no_grad():
+        if spec.rewards is not None:
+            cr, rr = spec.rewards(s, cfg)
+        else:
+            cr, rr = (cfg.beta * s.logratios).chunk(2)
+    return losses, cr.detach(), rr.detach()
