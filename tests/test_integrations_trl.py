@@ -84,6 +84,29 @@ def test_fastdpo_trainer_matches_dpo_trainer(name, setup, tmp_path):
     assert moved, "training did not change the parameters"
 
 
+def test_peft_reference_is_the_disabled_adapter(setup, tmp_path):
+    """LoRA without a ref_model: the reference is the base model (adapter disabled), as in TRL."""
+    peft = pytest.importorskip("peft")
+    tok, data, model0 = setup
+    runs = []
+    for cls in (DPOTrainer, FastDPOTrainer):
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        trainer = cls(model=copy.deepcopy(model0), args=_args(tmp_path, cls.__name__), train_dataset=data,
+                      processing_class=tok, peft_config=lora)
+        trainer.train()
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        params = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+        runs.append((logs, params))
+    (ref_logs, ref_params), (logs, params) = runs
+    assert ref_params and ref_params.keys() == params.keys()
+    for a, b in zip(logs, ref_logs):
+        for k in METRICS:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+    assert any(abs(b["rewards/margins"]) > 0 for b in ref_logs[1:])  # the adapter moved away from the reference
+    for n, p in ref_params.items():
+        torch.testing.assert_close(params[n], p, rtol=1e-4, atol=1e-5, msg=n)
+
+
 def test_trainer_uses_fastdpo_kernel(setup, tmp_path, monkeypatch):
     """The per-token work goes through fastdpo's fused linear kernel, not TRL's."""
     import fastdpo.integrations._linear as lin
