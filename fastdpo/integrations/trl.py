@@ -63,7 +63,8 @@ from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 from trl.trainer.utils import use_adapter  # noqa: E402
 
 
-__all__ = ["FastDPOTrainer", "FastChunkedLogProbFunction", "patch_fused_lm_head", "check_trl_version",
+__all__ = ["FastDPOTrainer", "FastChunkedLogProbFunction", "patch_fused_lm_head", "is_fused_lm_head_patched",
+           "check_trl_version",
            "SUPPORTED_TRL", "TRL_LOSS_TYPES"]
 
 TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
