@@ -1,0 +1,107 @@
+"""The loss library entry the integrations need: a DPO-family loss from per-token log-probs.
+
+``fastdpo.dpo_loss`` / ``linear_dpo_loss`` start from logits or hidden states; the
+integrations already hold the per-token log-probs (and statistics) of a fused LM
+head, so they enter the loss library one step later, with the same validation,
+sequence sums (LD-DPO, token weights), WPO weights, objectives and metrics.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastdpo.losses import api as _api
+from fastdpo.ops.logprobs import FusedLogprobs
+from fastdpo.ops.schema import STAT_NAMES
+
+LOSS_DEFAULTS = dict(loss_type="sigmoid", beta=0.1, label_smoothing=0.0, loss_weights=None,
+                     f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, ld_alpha=None,
+                     use_weighting=False, discopop_tau=0.05)
+
+
+def check_loss_options(**options) -> None:
+    """Validate loss options without a batch (raises the loss library's errors, which name the option)."""
+    opts = {**LOSS_DEFAULTS, **options}
+    variant = {k: v for k, v in opts.items() if k not in LOSS_DEFAULTS}
+    _api._plan(opts["loss_type"], opts["loss_weights"], opts["beta"], opts["label_smoothing"],
+               opts["f_divergence_type"], opts["f_alpha_divergence_coef"], opts["ld_alpha"], opts["use_weighting"],
+               opts["discopop_tau"], variant)
+
+
+def stats_from_fields(shape, *, entropy=None, is_top1=None, mean_logits=None, log_sum_sq_probs=None, device=None):
+    """Stack per-token fields into the loss library's ``[..., 4]`` statistics (missing fields are zeros)."""
+    cols = {"entropy": entropy, "argmax_hit": is_top1, "mean_logit": mean_logits, "log_sum_p2": log_sum_sq_probs}
+    out = torch.zeros(*shape, len(STAT_NAMES), dtype=torch.float32, device=device)
+    for i, name in enumerate(STAT_NAMES):
+        if cols[name] is not None:
+            out[..., i] = cols[name].detach().reshape(shape).float()
+    return out
+
+
+def loss_from_token_logprobs(logps: torch.Tensor, labels: torch.Tensor, *, ref_token_logps: torch.Tensor | None = None,
+                             ref_logps: torch.Tensor | None = None, stats: torch.Tensor | None = None,
+                             ignore_index: int = -100, token_weights=None, pair_weights=None, desirable=None,
+                             **loss_options) -> _api.DPOOutput:
+    """DPO-family loss from per-token policy log-probs ``logps [N, T]`` (0 at ignored tokens, differentiable).
+
+    ``labels [N, T]`` marks the scored tokens (``!= ignore_index``); ``ref_token_logps [N, T]`` are the
+    reference's per-token log-probs, or ``ref_logps [N]`` its precomputed sequence log-probs; ``stats``
+    ``[N, T, 4]`` (entropy, argmax hit, mean logit, log sum p^2) feeds the metrics and WPO weights.
+    ``loss_options`` are those of :func:`fastdpo.dpo_loss`.
+    """
+    if logps.shape != labels.shape:
+        raise ValueError(f"fastdpo: logps and labels must have the same shape, got {tuple(logps.shape)} and "
+                         f"{tuple(labels.shape)}")
+    if ref_token_logps is not None and ref_token_logps.shape != labels.shape:
+        raise ValueError(f"fastdpo: ref_token_logps must have shape {tuple(labels.shape)}, got "
+                         f"{tuple(ref_token_logps.shape)}")
+    if stats is None:
+        stats = torch.zeros(*labels.shape, len(STAT_NAMES), dtype=torch.float32, device=logps.device)
+    mask = labels != ignore_index
+    logps = logps.float().masked_fill(~mask, 0.0)
+    ref_tok = ref_token_logps.detach().float().masked_fill(~mask, 0.0) if ref_token_logps is not None else None
+    tok = FusedLogprobs(logps, ref_tok, stats.float())
+    opts = {**LOSS_DEFAULTS, **loss_options}
+    variant = {k: v for k, v in opts.items() if k not in LOSS_DEFAULTS}
+    return _api._run(lambda: tok, labels, labels.shape[0], ref_tok is not None, ref_logps=ref_logps,
+                     loss_type=opts["loss_type"], beta=opts["beta"], label_smoothing=opts["label_smoothing"],
+                     loss_weights=opts["loss_weights"], f_divergence_type=opts["f_divergence_type"],
+                     f_alpha_divergence_coef=opts["f_alpha_divergence_coef"], ld_alpha=opts["ld_alpha"],
+                     use_weighting=opts["use_weighting"], discopop_tau=opts["discopop_tau"],
+                     ignore_index=ignore_index, token_weights=token_weights, pair_weights=pair_weights,
+                     desirable=desirable, variant_options=variant)
+
+
+def pair_losses(loss_type: str, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None,
+                **options):
+    """Per-pair losses and detached ``(chosen_rewards, rejected_rewards)`` of a registered objective from
+    sequence-level log-probs ``[B]`` (no token counts: length-normalising objectives see 1 token per sequence,
+    i.e. the inputs are used as given)."""
+    from fastdpo.losses.registry import LossConfig, SequenceStats, f_divergence_scores, get_loss
+
+    spec = get_loss(loss_type)
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError("fastdpo: pass both reference log-probs or neither")
+    logps = torch.cat([chosen_logps, rejected_logps])
+    ref = None if ref_chosen_logps is None else torch.cat([ref_chosen_logps, ref_rejected_logps]).detach()
+    if spec.reference == "required" and ref is None:
+        raise ValueError(f"fastdpo: loss_type={loss_type!r} needs reference log-probs")
+    if spec.reference == "unused":
+        ref = None
+    s = SequenceStats(logps, ref, logps, torch.ones_like(logps), 2)
+    common = {k: options.pop(k, LOSS_DEFAULTS[k]) for k in
+              ("beta", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef", "discopop_tau")}
+    unknown = set(options) - set(spec.defaults)
+    if unknown:
+        raise TypeError(f"fastdpo: unexpected option(s) {sorted(unknown)} for loss_type {loss_type!r}")
+    cfg = LossConfig(**common, **{k: options.get(k, v) for k, v in spec.defaults.items()})
+    if spec.validate is not None:
+        spec.validate(cfg)
+    s.scores = f_divergence_scores(s.logratios, cfg.f_divergence_type, cfg.f_alpha_divergence_coef)
+    losses = spec.fn(s, cfg)
+    with torch.no_grad():
+        if spec.rewards is not None:
+            cr, rr = spec.rewards(s, cfg)
+        else:
+            cr, rr = (cfg.beta * s.logratios).chunk(2)
+    return losses, cr.detach(), rr.detach()
