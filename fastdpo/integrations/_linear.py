@@ -1,16 +1,15 @@
-"""Per-token log-probs of ``hidden @ weight.T (+ bias)`` through fastdpo's kernels, a block of rows at a time.
+"""TRL's fused-LM-head outputs from ``hidden @ weight.T (+ bias)`` through fastdpo's fused-linear tiles.
 
-Shared by the TRL and transformers integrations. The forward turns a block of
-hidden rows into logits (one GEMM), runs fastdpo's fused forward kernel on it
-(log-prob, log-sum-exp and the per-token statistics in one read) and drops the
-block; the backward recomputes each block's logits, lets the fused backward
-kernel write the logits gradient over them in place and accumulates the two
-gradient GEMMs in float32. Peak extra memory is one ``[rows, V]`` block.
+Shared by the TRL and transformers integrations. The tile loop is
+:mod:`fastdpo.ops.linear` (recompute strategy: forward folds each tile of
+logits with the fused forward kernel, backward projects it again and the fused
+backward kernel writes its gradient in place before the two GEMMs, accumulated
+in fp32); this module adds TRL's output selection, a differentiable entropy,
+autocast and ZeRO-3 gathering. Tokens whose target is ``ignore_index`` are not
+projected and give 0 everywhere.
 
-The logit transform is ``z = softcap' * tanh(scale * x / softcap') / T`` (no tanh
-without a soft cap). A positive ``logit_scale`` is folded into the kernel's own
-parameters: ``scale * c * tanh(x / c) / T`` with ``c = softcap / scale`` and the
-temperature ``T / scale`` is the same function, so no extra pass is needed.
+The logit transform is ``z = softcap * tanh(logit_scale * x / softcap) / T`` (no
+tanh without a soft cap), as in :func:`fastdpo.ops.linear.project`.
 """
 
 from __future__ import annotations
@@ -18,26 +17,13 @@ from __future__ import annotations
 import torch
 
 from fastdpo import _backends
+from fastdpo.ops import linear
 from fastdpo.ops.schema import STAT_NAMES
 
 # Logit elements per block (rows * V); 2**27 is one 4096 x 32768 tile, TRL's fused-head tile size.
 DEFAULT_BLOCK_ELEMENTS = 1 << 27
 OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 _STAT = {name: i for i, name in enumerate(STAT_NAMES)}
-
-
-def _kernel_params(temperature: float, softcap: float | None, logit_scale: float):
-    """(temperature', softcap', pre_scale) for the kernel: pre_scale multiplies the logits block when it cannot
-    be folded (a non-positive scale)."""
-    cap = float(softcap) if softcap else 0.0
-    scale = float(logit_scale)
-    if scale > 0:
-        return float(temperature) / scale, cap / scale, 1.0
-    return float(temperature), cap, scale
-
-
-def _block_rows(n: int, vocab: int, block_elements: int) -> int:
-    return max(1, min(n, block_elements // max(vocab, 1)))
 
 
 def _gather_ctx(*params):
@@ -64,88 +50,59 @@ class LinearLogprobsFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         device = hidden.device
         n, vocab = hidden.shape[0], weight.shape[0]
-        compute_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
-        t, cap, pre = _kernel_params(temperature, softcap, logit_scale)
-        kern = _backends.kernel_module(_backends.resolve(backend, device))
-        want_stats = any(o in outputs for o in OPTIONAL_OUTPUTS)
+        cd = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
+        o = linear.TileOptions(ignore_index, float(temperature), float(softcap) if softcap else 0.0,
+                               float(logit_scale), _backends.resolve(backend, device).value,
+                               max(1, block_elements // max(vocab, 1)))
+        kern = _backends.kernel_module(_backends.Backend(o.backend))
+        want_stats = any(k in outputs for k in OPTIONAL_OUTPUTS)
         targets = targets.reshape(-1).long()
-        logp = torch.zeros(n, dtype=torch.float32, device=device)
-        acc = torch.float64 if compute_dtype == torch.float64 else torch.float32  # the kernels' accumulation dtype
+        idx = torch.nonzero(targets != ignore_index).squeeze(1)
+        acc = torch.float64 if cd == torch.float64 else torch.float32  # the kernels' accumulation dtype
+        logp = torch.zeros(n, dtype=acc, device=device)
         lse = torch.zeros(n, dtype=acc, device=device)
-        stats = torch.zeros(n, len(STAT_NAMES), dtype=torch.float32, device=device) if want_stats else None
-        rows = _block_rows(n, vocab, block_elements)
-        w = weight.to(compute_dtype)
-        b = bias.to(compute_dtype) if bias is not None else None
+        stats = torch.zeros(n, len(STAT_NAMES), dtype=acc, device=device) if want_stats else None
+        b = bias.to(cd) if bias is not None else None
         with torch.no_grad():
-            for i in range(0, n, rows):
-                j = min(n, i + rows)
-                logits = torch.nn.functional.linear(hidden[i:j].to(compute_dtype), w, b)
-                if pre != 1.0:
-                    logits.mul_(pre)
-                lp, ls, _, st = kern.logprobs_fwd(logits.unsqueeze(0), targets[i:j].unsqueeze(0).contiguous(), None,
-                                                 ignore_index, t, cap, want_stats)
-                logp[i:j] = lp[0]
-                lse[i:j] = ls[0]
-                if want_stats:
-                    stats[i:j] = st[0]
-                del logits
-        entropy = stats[:, _STAT["entropy"]].clone() if "entropy" in outputs else None
-        lssp = stats[:, _STAT["log_sum_p2"]].clone() if "log_sum_sq_probs" in outputs else None
-        mean_logits = stats[:, _STAT["mean_logit"]].clone() if "mean_logits" in outputs else None
+            linear.fold_rows(kern, hidden.to(cd), weight.to(cd), b, targets, idx, o, want_stats, logp, lse, stats)
+        logp = logp.float()
+        entropy = stats[:, _STAT["entropy"]].float() if "entropy" in outputs else None
+        lssp = stats[:, _STAT["log_sum_p2"]].float() if "log_sum_sq_probs" in outputs else None
+        mean_logits = stats[:, _STAT["mean_logit"]].float() if "mean_logits" in outputs else None
         is_top1 = stats[:, _STAT["argmax_hit"]] > 0.5 if "is_top1" in outputs else None
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy if entropy is not None else lse)
-        ctx.args = (compute_dtype, t, cap, pre, backend, rows, ignore_index)
+        ctx.save_for_backward(hidden, weight, bias, targets, idx, lse, entropy if entropy is not None else lse)
+        ctx.args = (cd, o)
         ctx.mark_non_differentiable(*(x for x in (lssp, mean_logits, is_top1) if x is not None))
         return logp, entropy, lssp, mean_logits, is_top1
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, *_):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        compute_dtype, t, cap, pre, backend, rows, ignore_index = ctx.args
+        hidden, weight, bias, targets, idx, lse, entropy = ctx.saved_tensors
+        cd, o = ctx.args
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        n = hidden.shape[0]
-        kern = _backends.kernel_module(_backends.resolve(backend, hidden.device))
-        with _gather_ctx(weight, bias):
-            grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-            w = weight.to(compute_dtype)
-            b = bias.to(compute_dtype) if bias is not None else None
-            g_lp = grad_logp.float().contiguous() if grad_logp is not None else None
-            g_h = grad_entropy.float().contiguous() if grad_entropy is not None else None
-            with torch.no_grad():
-                for i in range(0, n, rows):
-                    j = min(n, i + rows)
-                    h = hidden[i:j].to(compute_dtype)
-                    logits = torch.nn.functional.linear(h, w, b)
-                    if pre != 1.0:
-                        logits.mul_(pre)
-                    extra = None
-                    if g_h is not None:
-                        keep = (targets[i:j] != ignore_index).float()
-                        extra = _entropy_grad(logits, lse[i:j], entropy[i:j], g_h[i:j] * keep, t, cap)
-                    if g_lp is not None:
-                        # the fused backward kernel writes d(sum g * logp)/d(logits) over the block
-                        grad = kern.logprobs_bwd(g_lp[i:j].to(lse.dtype).unsqueeze(0), logits.unsqueeze(0),
-                                                 targets[i:j].unsqueeze(0).contiguous(), lse[i:j].unsqueeze(0),
-                                                 ignore_index, t, cap, True)[0]
-                        if extra is not None:
-                            grad = grad.float().add_(extra)
-                    else:
-                        grad = extra
-                    if pre != 1.0:
-                        grad = grad * pre
-                    if grad_h is not None:
-                        grad_h[i:j].addmm_(grad.float(), w.float())
-                    if grad_w is not None:
-                        grad_w.addmm_(grad.float().t(), h.float())
-                    if grad_b is not None:
-                        grad_b += grad.sum(0, dtype=torch.float32)
-                    del logits, grad
+        kern = _backends.kernel_module(_backends.Backend(o.backend))
+        with _gather_ctx(weight, bias), torch.no_grad():
+            h, w = hidden.to(cd), weight.to(cd)
+            b = bias.to(cd) if bias is not None else None
+            grads = linear.GradAccumulator(h, w, b, need_h, need_w, need_b)
+            g_lp = grad_logp.to(lse.dtype) if grad_logp is not None else torch.zeros_like(lse)
+            n = idx.numel()
+            buf = h.new_empty(min(o.rows, n), w.shape[0]) if n else None
+            for i, j in linear.tiles(n, o.rows):
+                sel = idx[i:j]
+                h_rows = h.index_select(0, sel)
+                x = linear.project(h_rows, w, b, o.scale, buf[: j - i])
+                extra = None
+                if grad_entropy is not None:
+                    extra = _entropy_grad(x, lse.index_select(0, sel), entropy.index_select(0, sel),
+                                          grad_entropy.float().index_select(0, sel), o.temperature, o.softcap)
+                grads.add_tile(kern, x, g_lp.index_select(0, sel).contiguous(), targets.index_select(0, sel),
+                               lse.index_select(0, sel), h_rows, sel, w, o, extra=extra)
+            gh, gw, gb = grads.result(weight, bias)
         return (
-            grad_h.to(hidden.dtype) if grad_h is not None else None,
-            grad_w.to(weight.dtype) if grad_w is not None else None,
-            grad_b.to(bias.dtype) if grad_b is not None else None,
+            gh.to(hidden.dtype) if gh is not None else None,
+            gw,
+            gb,
             *([None] * 8),
         )
 

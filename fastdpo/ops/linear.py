@@ -48,7 +48,7 @@ def default_memory_budget(device: torch.device) -> int:
     return (1 << 30) if device.type == "cuda" else (256 << 20)
 
 
-class _Opts(NamedTuple):
+class TileOptions(NamedTuple):
     ignore_index: int
     temperature: float
     softcap: float  # 0 = none
@@ -57,7 +57,7 @@ class _Opts(NamedTuple):
     rows: int  # token rows per tile
 
 
-def _project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
+def project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
              out: torch.Tensor) -> torch.Tensor:
     """``out = scale * (h @ weight.T + bias)`` in place (beta=0 ignores out's old contents)."""
     if bias is None:
@@ -65,14 +65,14 @@ def _project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s
     return torch.addmm(bias.expand_as(out), h, weight.t(), beta=scale, alpha=scale, out=out)
 
 
-def _fold(kern, x: torch.Tensor, y: torch.Tensor, o: _Opts, stats: bool):
+def fold(kern, x: torch.Tensor, y: torch.Tensor, o: TileOptions, stats: bool):
     """Fused forward over one tile of logits ``x [r, V]``: (logp, lse, stats|None)."""
     logp, lse, _, st = kern.logprobs_fwd(x.unsqueeze(0), y.unsqueeze(0), None, o.ignore_index, o.temperature,
                                          o.softcap, stats)
     return logp[0], lse[0], (st[0] if stats else None)
 
 
-class _Grads:
+class GradAccumulator:
     """fp32 accumulators for the weight and bias gradients plus the hidden gradient rows."""
 
     def __init__(self, hidden, weight, bias, need_h, need_w, need_b):
@@ -85,10 +85,13 @@ class _Grads:
         self.nt = weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
         self.wt = weight.t().contiguous() if (self.nt and need_h) else None
 
-    def add_tile(self, kern, x, g, y, lse, h_rows, idx, weight, o: _Opts):
-        """Turn the logits tile ``x`` into its gradient in place and accumulate the GEMMs."""
+    def add_tile(self, kern, x, g, y, lse, h_rows, idx, weight, o: TileOptions, extra=None):
+        """Turn the logits tile ``x`` into the gradient of ``sum g * logp`` (plus ``extra``, a gradient
+        w.r.t. the same logits from another per-token term) in place and accumulate the GEMMs."""
         kern.logprobs_bwd(g.unsqueeze(0), x.unsqueeze(0), y.unsqueeze(0), lse.unsqueeze(0), o.ignore_index,
                           o.temperature, o.softcap, True)
+        if extra is not None:
+            x.add_(extra.to(x.dtype))
         if self.h is not None:
             gh = torch.mm(x, self.wt.t()) if self.nt else torch.mm(x, weight)
             self.h.index_copy_(0, idx, gh.mul_(o.scale) if o.scale != 1.0 else gh)
@@ -108,21 +111,21 @@ class _Grads:
         return self.h, gw, gb
 
 
-def _tiles(n: int, rows: int):
+def tiles(n: int, rows: int):
     for i in range(0, n, rows):
         yield i, min(n, i + rows)
 
 
-def _fold_all(kern, h, weight, bias, y, idx, o: _Opts, stats: bool, out_logp, out_lse=None, out_stats=None):
+def fold_rows(kern, h, weight, bias, y, idx, o: TileOptions, stats: bool, out_logp, out_lse=None, out_stats=None):
     """Forward fold of the valid rows ``idx`` of ``h`` into the full-length outputs (no gradient)."""
     n = idx.numel()
     if n == 0:
         return
     buf = h.new_empty(min(o.rows, n), weight.shape[0])
-    for i, j in _tiles(n, o.rows):
+    for i, j in tiles(n, o.rows):
         sel = idx[i:j]
-        x = _project(h.index_select(0, sel), weight, bias, o.scale, buf[: j - i])
-        lp, lse, st = _fold(kern, x, y.index_select(0, sel), o, stats)
+        x = project(h.index_select(0, sel), weight, bias, o.scale, buf[: j - i])
+        lp, lse, st = fold(kern, x, y.index_select(0, sel), o, stats)
         out_logp.index_copy_(0, sel, lp)
         if out_lse is not None:
             out_lse.index_copy_(0, sel, lse)
@@ -134,7 +137,7 @@ class _LinearLogprobsFunction(torch.autograd.Function):
     """Recompute strategy: forward folds tiles (saving only lse), backward re-projects them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, idx, ref_hidden, ref_weight, ref_bias, stats, o: _Opts):
+    def forward(ctx, hidden, weight, bias, labels, idx, ref_hidden, ref_weight, ref_bias, stats, o: TileOptions):
         kern = _backends.kernel_module(Backend(o.backend))
         M = hidden.shape[0]
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -143,8 +146,8 @@ class _LinearLogprobsFunction(torch.autograd.Function):
         st = torch.zeros(M, NUM_STATS, dtype=acc, device=hidden.device) if stats else logp.new_empty(0)
         ref = torch.zeros_like(logp) if ref_hidden is not None else logp.new_empty(0)
         if ref_hidden is not None:
-            _fold_all(kern, ref_hidden, ref_weight, ref_bias, labels, idx, o, False, ref)
-        _fold_all(kern, hidden, weight, bias, labels, idx, o, stats, logp, lse, st)
+            fold_rows(kern, ref_hidden, ref_weight, ref_bias, labels, idx, o, False, ref)
+        fold_rows(kern, hidden, weight, bias, labels, idx, o, stats, logp, lse, st)
         ctx.save_for_backward(hidden, weight, bias, labels, idx, lse)
         ctx.o = o
         ctx.mark_non_differentiable(ref, st)
@@ -156,15 +159,15 @@ class _LinearLogprobsFunction(torch.autograd.Function):
         o = ctx.o
         kern = _backends.kernel_module(Backend(o.backend))
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grads = _Grads(hidden, weight, bias, need_h, need_w, need_b)
+        grads = GradAccumulator(hidden, weight, bias, need_h, need_w, need_b)
         n = idx.numel()
         if n:
             buf = hidden.new_empty(min(o.rows, n), weight.shape[0])
             g = grad_logp.contiguous()
-            for i, j in _tiles(n, o.rows):
+            for i, j in tiles(n, o.rows):
                 sel = idx[i:j]
                 h_rows = hidden.index_select(0, sel)
-                x = _project(h_rows, weight, bias, o.scale, buf[: j - i])
+                x = project(h_rows, weight, bias, o.scale, buf[: j - i])
                 grads.add_tile(kern, x, g.index_select(0, sel), labels.index_select(0, sel), lse.index_select(0, sel),
                                h_rows, sel, weight, o)
         gh, gw, gb = grads.result(weight, bias)
@@ -245,7 +248,7 @@ def prepare(hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=No
         ref_weight = ref_weight.detach()
         ref_bias = ref_bias.detach() if ref_bias is not None else None
     idx = torch.nonzero(y != ignore_index).squeeze(1)
-    return h, y, ref_hidden, ref_weight, ref_bias, idx, _Opts(ignore_index, temperature, softcap, logit_scale, backend, rows)
+    return h, y, ref_hidden, ref_weight, ref_bias, idx, TileOptions(ignore_index, temperature, softcap, logit_scale, backend, rows)
 
 
 def linear_token_logprobs(
@@ -322,7 +325,7 @@ def group_chunks(counts: list[int], groups: list[list[int]], V: int, elem: int, 
 
 
 @torch.no_grad()
-def linear_grad_in_forward(h, weight, bias, y, rh, rw, rb, o: _Opts, seq_len: int, chunks: list[list[int]],
+def linear_grad_in_forward(h, weight, bias, y, rh, rw, rb, o: TileOptions, seq_len: int, chunks: list[list[int]],
                            coef_fn: Callable[[FusedLogprobs], torch.Tensor],
                            need_h: bool, need_w: bool, need_b: bool) -> GradInForward:
     """Gradient-in-forward strategy over ``chunks`` (lists of sequence indices, whole groups each).
@@ -339,7 +342,7 @@ def linear_grad_in_forward(h, weight, bias, y, rh, rw, rb, o: _Opts, seq_len: in
     logp = torch.zeros(M, dtype=acc, device=h.device)
     st = torch.zeros(M, NUM_STATS, dtype=acc, device=h.device)
     ref = torch.zeros_like(logp) if rh is not None else None
-    grads = _Grads(h, weight, bias, need_h, need_w, need_b)
+    grads = GradAccumulator(h, weight, bias, need_h, need_w, need_b)
     mask = (y != o.ignore_index).view(N, seq_len)
     # Token indices of every chunk with one device sync: sequences in chunk order, then split.
     order = torch.tensor([s for c in chunks for s in c], device=h.device, dtype=torch.long)
@@ -357,9 +360,9 @@ def linear_grad_in_forward(h, weight, bias, y, rh, rw, rb, o: _Opts, seq_len: in
         ys = y.index_select(0, sel)
         x = buf[:n]
         if rh is not None:
-            ref.index_copy_(0, sel, _fold(kern, _project(rh.index_select(0, sel), rw, rb, o.scale, x), ys, o, False)[0])
+            ref.index_copy_(0, sel, fold(kern, project(rh.index_select(0, sel), rw, rb, o.scale, x), ys, o, False)[0])
         h_rows = h.index_select(0, sel)
-        lp, lse, s = _fold(kern, _project(h_rows, weight, bias, o.scale, x), ys, o, True)
+        lp, lse, s = fold(kern, project(h_rows, weight, bias, o.scale, x), ys, o, True)
         logp.index_copy_(0, sel, lp)
         st.index_copy_(0, sel, s)
         with torch.enable_grad():
