@@ -285,11 +285,15 @@ def _liger_dpo():
     return loss
 
 
-def _gemm_floor(case: Case) -> Callable[[], None]:
+def _gemm_floor(case: Case, response_only: bool = False) -> Callable[[], None]:
     """The GEMMs no exact method avoids: policy logits, their two gradients
-    (w.r.t. hidden and weight) and the reference logits."""
-    h, rh, w, _ = _linear_inputs(case)
+    (w.r.t. hidden and weight) and the reference logits; over every token, or
+    (``response_only``) only over the tokens that are not ``ignore_index``."""
+    h, rh, w, y = _linear_inputs(case)
     h2, rh2, wd = h.detach().reshape(-1, case.H), rh.reshape(-1, case.H), w.detach()
+    if response_only:
+        keep = (y != -100).reshape(-1)
+        h2, rh2 = h2[keep].contiguous(), rh2[keep].contiguous()
     if case.mode == "fwd":
         return lambda: (h2 @ wd.T, rh2 @ wd.T)
 
@@ -322,6 +326,7 @@ LINEAR_PROVIDERS: list[Provider] = [
     Provider("trl-chunked", "anchor", lambda c: _linear_step(_trl_chunked(), c), _missing("trl", "trl")),
     Provider("liger-dpo", "anchor", lambda c: _linear_step(_liger_dpo(), c), _missing("liger_kernel", "liger-kernel")),
     Provider("floor-gemm", "floor", _gemm_floor),
+    Provider("floor-gemm-response", "floor", lambda c: _gemm_floor(c, response_only=True)),
 ]
 
 PROVIDERS = {p.name: p for p in LOGPROB_PROVIDERS + LINEAR_PROVIDERS}
