@@ -422,7 +422,7 @@ def linear_dpo_loss(
             carries the gradient) or ``"auto"`` (grad_in_forward when allowed and a gradient is
             needed, else recompute).
         memory_budget: bytes of logits held at once (default: ``$FASTDPO_LINEAR_BUDGET_MB``,
-            else 1 GiB on GPUs, 256 MiB on CPU).
+            else 1 GiB on GPUs, 64 MiB on CPU).
 
     Gradients flow to ``hidden``, ``weight`` and ``bias``, accumulated in fp32.
     """ + _LOSS_DOC

@@ -41,11 +41,11 @@ STRATEGIES = ("auto", "recompute", "grad_in_forward")
 
 
 def default_memory_budget(device: torch.device) -> int:
-    """Bytes of logits one tile may hold: ``$FASTDPO_LINEAR_BUDGET_MB``, else 1 GiB on GPUs and 256 MiB on CPU."""
+    """Bytes of logits one tile may hold: ``$FASTDPO_LINEAR_BUDGET_MB``, else 1 GiB on GPUs and 64 MiB on CPU."""
     env = os.environ.get("FASTDPO_LINEAR_BUDGET_MB")
     if env:
         return int(float(env) * (1 << 20))
-    return (1 << 30) if device.type == "cuda" else (256 << 20)
+    return (1 << 30) if device.type == "cuda" else (64 << 20)
 
 
 class TileOptions(NamedTuple):
