@@ -234,3 +234,37 @@ def test_no_allocation_of_tokens_by_vocab(strategy, budget):
     logits_bytes = n * t * v * 4
     assert mode.largest <= max(budget, v * hd * 4), (mode.largest, logits_bytes)
     assert torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("strategy", ["recompute", "grad_in_forward"])
+def test_python_tile_loop_on_triton_kernels(strategy):
+    """The tile loop GPUs run (Python around the backend's kernels), here through the Triton interpreter."""
+    pytest.importorskip("triton")
+    if fastdpo._backends.unavailable_reason(fastdpo.Backend.TRITON, torch.device("cpu")) is not None:
+        pytest.skip("triton backend unavailable on CPU tensors")
+    h, w, b, rh, y = _inputs(seed=9)
+    out, gh, gw, gb = _run(h, w, b, rh, y, strategy=strategy, memory_budget=13 * V * 4, backend="triton")
+    ref, rgh, rgw, rgb = _reference(h, w, b, rh, y)
+    _close(out.loss, ref.loss)
+    for got, want in ((gh, rgh), (gw, rgw), (gb, rgb)):
+        _close(got, want)
+
+
+def test_native_linear_ops_opcheck():
+    fastdpo._backends.resolve("cpu", torch.device("cpu"))  # loads the extension
+    h, w, b, _, y = _inputs(seed=10)
+    h2, y2 = h.reshape(-1, H), y.reshape(-1)
+    idx = torch.nonzero(y2 != -100).squeeze(1)
+    M = h2.shape[0]
+    logp, lse, st = torch.zeros(M), torch.zeros(M), torch.zeros(M, 4)
+    args = (h2, w, b, y2, idx, -100, 1.0, 0.0, 1.0, 5, logp, lse, st)
+    torch.library.opcheck(torch.ops.fastdpo.linear_fwd_.default, args)
+    torch.ops.fastdpo.linear_fwd_(*args)
+    full = fastdpo.fused_logprobs(F.linear(h2, w, b), y2, stats=True, backend="torch")
+    _close(logp, full.logps)
+    gh, gw, gb = torch.zeros_like(h2), torch.zeros(V, H), torch.zeros(V)
+    g = torch.randn(M)
+    bargs = (g, h2, w, b, y2, idx, lse, -100, 1.0, 0.0, 1.0, 5, gh, gw, gb)
+    torch.library.opcheck(torch.ops.fastdpo.linear_bwd_.default, bargs)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        torch.ops.fastdpo.linear_fwd_(h2.double(), w, b, y2, idx, -100, 1.0, 0.0, 1.0, 5, logp, lse, st)

@@ -83,7 +83,7 @@ class GradAccumulator:
         # CPU reduced-precision GEMMs are fast only in the "A @ B.T" layout (10-25x
         # slower otherwise on oneDNN/MKL), so the backward GEMMs are arranged that way.
         self.nt = weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
-        self.wt = weight.t().contiguous() if (self.nt and need_h) else None
+        self.wt = None  # weight.T made contiguous once, on first use
 
     def add_tile(self, kern, x, g, y, lse, h_rows, idx, weight, o: TileOptions, extra=None):
         """Turn the logits tile ``x`` into the gradient of ``sum g * logp`` (plus ``extra``, a gradient
@@ -93,6 +93,8 @@ class GradAccumulator:
         if extra is not None:
             x.add_(extra.to(x.dtype))
         if self.h is not None:
+            if self.nt and self.wt is None:
+                self.wt = weight.t().contiguous()
             gh = torch.mm(x, self.wt.t()) if self.nt else torch.mm(x, weight)
             self.h.index_copy_(0, idx, gh.mul_(o.scale) if o.scale != 1.0 else gh)
         if self.w is not None:
@@ -120,6 +122,10 @@ def fold_rows(kern, h, weight, bias, y, idx, o: TileOptions, stats: bool, out_lo
     """Forward fold of the valid rows ``idx`` of ``h`` into the full-length outputs (no gradient)."""
     n = idx.numel()
     if n == 0:
+        return
+    if o.backend == "cpu":  # the same loop in C++
+        torch.ops.fastdpo.linear_fwd_(h, weight, bias, y, idx, o.ignore_index, o.temperature, o.softcap, o.scale,
+                                      o.rows, out_logp, out_lse, out_stats if stats else None)
         return
     buf = h.new_empty(min(o.rows, n), weight.shape[0])
     for i, j in tiles(n, o.rows):
@@ -161,7 +167,11 @@ class _LinearLogprobsFunction(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grads = GradAccumulator(hidden, weight, bias, need_h, need_w, need_b)
         n = idx.numel()
-        if n:
+        if n and o.backend == "cpu":  # the same loop in C++
+            torch.ops.fastdpo.linear_bwd_(grad_logp.contiguous(), hidden, weight, bias, labels, idx, lse,
+                                          o.ignore_index, o.temperature, o.softcap, o.scale, o.rows, grads.h, grads.w,
+                                          grads.b)
+        elif n:
             buf = hidden.new_empty(min(o.rows, n), weight.shape[0])
             g = grad_logp.contiguous()
             for i, j in tiles(n, o.rows):

@@ -34,6 +34,20 @@ _lib.define(
     "float temperature, float softcap) -> ()"
 )
 
+# The fused-linear tile loop (fastdpo/ops/linear.py), natively on CPU: project valid token rows
+# ``idx`` a tile of ``rows`` at a time and fold them into caller-allocated outputs (forward), or
+# project again and accumulate the hidden/weight/bias gradients (backward, fp32 accumulators).
+_lib.define(
+    "linear_fwd_(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor idx, int ignore_index, "
+    "float temperature, float softcap, float scale, int rows, Tensor(a!) logp, Tensor(b!)? lse, "
+    "Tensor(c!)? stats) -> ()"
+)
+_lib.define(
+    "linear_bwd_(Tensor grad_logp, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor idx, "
+    "Tensor lse, int ignore_index, float temperature, float softcap, float scale, int rows, "
+    "Tensor(a!)? grad_hidden, Tensor(b!)? grad_weight, Tensor(c!)? grad_bias) -> ()"
+)
+
 
 def _acc(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -56,4 +70,16 @@ def _logprobs_bwd_fake(grad_logp, logits, labels, lse, ignore_index, temperature
 
 @torch.library.register_fake("fastdpo::logprobs_bwd_")
 def _logprobs_bwd_inplace_fake(grad_logp, logits, labels, lse, ignore_index, temperature, softcap):
+    return None
+
+
+@torch.library.register_fake("fastdpo::linear_fwd_")
+def _linear_fwd_fake(hidden, weight, bias, labels, idx, ignore_index, temperature, softcap, scale, rows, logp, lse,
+                     stats):
+    return None
+
+
+@torch.library.register_fake("fastdpo::linear_bwd_")
+def _linear_bwd_fake(grad_logp, hidden, weight, bias, labels, idx, lse, ignore_index, temperature, softcap, scale,
+                     rows, grad_hidden, grad_weight, grad_bias):
     return None
