@@ -20,6 +20,9 @@
 namespace fastdpo {
 namespace {
 
+// Vocabulary columns per weight-gradient GEMM on the reduced-precision path.
+constexpr int64_t kNtBlock = 4096;
+
 using FwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double, double, bool);
 using BwdSig = void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double,
@@ -114,7 +117,12 @@ void linear_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& hidden, const
       if (grad_weight->scalar_type() == x.scalar_type()) {
         grad_weight->addmm_(x.t(), h, 1.0, scale);
       } else if (nt) {
-        grad_weight->add_(at::mm(x.t().contiguous(), h.t().contiguous().t()), scale);
+        // Vocabulary blocks keep the transposed copies small (same speed as one GEMM).
+        const at::Tensor ht = h.t().contiguous();
+        for (int64_t v = 0; v < x.size(1); v += kNtBlock) {
+          const int64_t w = std::min(kNtBlock, x.size(1) - v);
+          grad_weight->narrow(0, v, w).add_(at::mm(x.narrow(1, v, w).t().contiguous(), ht.t()), scale);
+        }
       } else {
         grad_weight->add_(at::mm(x.t(), h), scale);
       }

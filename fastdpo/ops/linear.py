@@ -38,6 +38,8 @@ from fastdpo.ops.logprobs import FusedLogprobs, _resolve
 from fastdpo.ops.schema import NUM_STATS
 
 STRATEGIES = ("auto", "recompute", "grad_in_forward")
+# Vocabulary columns per weight-gradient GEMM on the CPU reduced-precision path.
+_NT_BLOCK = 4096
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -100,8 +102,11 @@ class GradAccumulator:
         if self.w is not None:
             if self.w.dtype == x.dtype:
                 self.w.addmm_(x.t(), h_rows, alpha=o.scale)
-            elif self.nt:  # bf16/fp16 GEMM, fp32 accumulation across tiles
-                self.w.add_(torch.mm(x.t().contiguous(), h_rows.t().contiguous().t()), alpha=o.scale)
+            elif self.nt:  # bf16/fp16 GEMM in vocabulary blocks (small transposed copies), fp32 accumulation
+                ht = h_rows.t().contiguous()
+                for v in range(0, x.shape[1], _NT_BLOCK):
+                    self.w[v : v + _NT_BLOCK].add_(torch.mm(x[:, v : v + _NT_BLOCK].t().contiguous(), ht.t()),
+                                                   alpha=o.scale)
             else:
                 self.w.add_(torch.mm(x.t(), h_rows), alpha=o.scale)
         if self.b is not None:
