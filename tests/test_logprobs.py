@@ -242,6 +242,7 @@ def test_extreme_values(backend):
         (lambda x, y, be: fastdpo.token_logprobs(x[..., :0], y, backend=be), ValueError, "empty vocabulary"),
         (lambda x, y, be: fastdpo.token_logprobs(torch.tensor(1.0), y, backend=be), ValueError, "vocabulary dimension"),
         (lambda x, y, be: fastdpo.fused_logprobs(x, y, ref_logits=x[:1], backend=be), ValueError, "ref_logits must have the shape"),
+        (lambda x, y, be: fastdpo.fused_logprobs(x, y, ref_logits=x.bfloat16(), backend=be), TypeError, "dtype of logits"),
     ],
 )
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -268,6 +269,8 @@ def test_native_op_boundary_checks():
     with pytest.raises(RuntimeError, match="contiguous along the vocabulary"):
         torch.ops.fastdpo.logprobs_fwd(torch.randn(1, 2, 10)[..., ::2], torch.zeros(1, 2, dtype=torch.long),
                                        None, -100, 1.0, 0.0, False)
+    with pytest.raises(RuntimeError, match="dtype of logits"):  # would otherwise be read as the wrong type
+        torch.ops.fastdpo.logprobs_fwd(x, torch.tensor([[0, 1]]), x.double(), -100, 1.0, 0.0, False)
 
 
 def test_unimplemented_backends_raise_clear_errors():

@@ -18,6 +18,7 @@ from fastdpo.losses import registry
 from fastdpo.losses.registry import LossConfig, SequenceStats, f_divergence_scores
 from fastdpo.ops import linear
 from fastdpo.ops.logprobs import FusedLogprobs, fused_logprobs
+from fastdpo.ops.vocab_parallel import vocab_parallel_logprobs
 
 @dataclasses.dataclass
 class DPOOutput:
@@ -329,6 +330,7 @@ def dpo_loss(
     token_weights: torch.Tensor | None = None,
     pair_weights: torch.Tensor | None = None,
     desirable: torch.Tensor | None = None,
+    process_group=None,
     **variant_options,
 ) -> DPOOutput:
     """DPO-family loss from policy logits in one fused pass over the vocabulary.
@@ -343,6 +345,9 @@ def dpo_loss(
             With neither the loss is reference-free (log-ratios become policy log-probs), or an
             error for losses that need a reference.
         backend: kernel backend (``auto``, ``torch``, ``cpu``, ``triton``, ``cuda``).
+        process_group: vocabulary-parallel: ``logits`` / ``ref_logits`` are this rank's vocabulary
+            shard (see :func:`fastdpo.vocab_parallel_logprobs`); the loss and metrics are then the
+            same on every rank and the gradient flows to the local shard.
 
     Returns:
         :class:`DPOOutput`.
@@ -353,6 +358,9 @@ def dpo_loss(
     _validation.check_labels(labels, logits)
 
     def tok_fn():
+        if process_group is not None:
+            return vocab_parallel_logprobs(logits, labels, process_group=process_group, ref_logits=ref_logits,
+                                           ignore_index=ignore_index, stats=True, backend=backend)
         return fused_logprobs(logits, labels, ref_logits=ref_logits, ignore_index=ignore_index, stats=True,
                               backend=backend)
 

@@ -119,6 +119,11 @@ def fused_logprobs(
     if ref_logits is not None:
         _validation.check_float_tensor(ref_logits, "ref_logits")
         _validation.check_same_shape(logits, ref_logits, "logits", "ref_logits")
+        if ref_logits.dtype != logits.dtype:
+            raise TypeError(
+                f"fastdpo: ref_logits must have the dtype of logits ({logits.dtype}), got {ref_logits.dtype}; "
+                "cast the reference logits (e.g. ref_logits.to(logits.dtype))"
+            )
     if inplace_backward and logits.requires_grad and logits.is_leaf:
         raise ValueError(
             "fastdpo: inplace_backward=True would overwrite a leaf tensor that requires grad; "

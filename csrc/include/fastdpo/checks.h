@@ -36,6 +36,8 @@ inline void check_fwd(const at::Tensor& logits, const at::Tensor& labels, const 
                 ", got ", r.sizes());
     TORCH_CHECK(r.device() == logits.device(), "fastdpo: ref_logits are on ", r.device(), " but logits are on ",
                 logits.device());
+    TORCH_CHECK(r.scalar_type() == logits.scalar_type(), "fastdpo: ref_logits must have the dtype of logits (",
+                logits.scalar_type(), "), got ", r.scalar_type());
   }
 }
 

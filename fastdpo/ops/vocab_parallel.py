@@ -1,0 +1,170 @@
+r"""Vocabulary-parallel per-token log-probs (Megatron-style tensor parallelism of the LM head).
+
+Each rank of ``process_group`` holds a contiguous shard ``[v_r, v_r + V_r)`` of the
+vocabulary (shards in rank order; sizes may differ); labels are global token ids and
+the same on every rank. Per row, every rank folds its shard with the backend's fused
+forward kernel, then the ranks combine with all-reduces over ``[B, T]`` tensors (never
+the logits):
+
+.. math::
+    m = \max_r \mathrm{lse}_r,\quad \mathrm{lse} = m + \log \textstyle\sum_r e^{\mathrm{lse}_r - m},\quad
+    z_y = \textstyle\sum_r [y \in \text{shard } r]\, z_{r,y},\quad \log p_y = z_y - \mathrm{lse}
+
+and the statistics from their per-shard parts (entropy :math:`H = \mathrm{lse} - \sum_r
+e^{\mathrm{lse}_r - \mathrm{lse}} (\mathrm{lse}_r - H_r)`, :math:`\log\sum p^2 =
+\mathrm{logsumexp}_r(2(\mathrm{lse}_r - \mathrm{lse}) + \log\sum p_r^2)`, the mean logit
+weighted by shard size, the argmax hit from the shards' maxima). Backward gives each rank
+the gradient of its own shard, ``g * (onehot_local - exp(z - lse)) * dz/dx``; the label's
+one-hot exists only on the rank that holds it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from fastdpo import _backends, _validation
+from fastdpo._backends import Backend
+from fastdpo.kernels.reference import _acc_dtype, _capped
+from fastdpo.ops.logprobs import FusedLogprobs, _as_3d, _resolve
+from fastdpo.ops.schema import NUM_STATS
+
+_CHUNK_ELEMS = 1 << 24  # backward upcasts at most this many logits at a time
+
+
+def shard_layout(local_vocab: int, process_group) -> tuple[int, int]:
+    """``(vocab_start, total_vocab)`` of this rank's shard: shards are contiguous in rank order."""
+    sizes = [None] * dist.get_world_size(process_group)
+    dist.all_gather_object(sizes, int(local_vocab), group=process_group)
+    rank = dist.get_rank(process_group)
+    return sum(sizes[:rank]), sum(sizes)
+
+
+def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
+    dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+def _fold(kern, x, labels, local, in_shard, valid, o, stats: bool, group):
+    """Global (logp, lse, stats|None) of the shard ``x`` [B, T, V_r]."""
+    ii, temperature, softcap, vocab, _ = o
+    klabels = torch.where(valid, torch.where(in_shard, local, 0), ii)
+    logp_l, lse_l, _, st_l = kern.logprobs_fwd(x, klabels, None, ii, temperature, softcap, stats)
+    m = _all_reduce(lse_l.clone(), dist.ReduceOp.MAX, group)
+    w = torch.exp(lse_l - m)  # e^{lse_r - m}
+    lse = m + torch.log(_all_reduce(w.clone(), dist.ReduceOp.SUM, group))
+    z_label = _all_reduce(torch.where(in_shard, logp_l + lse_l, 0.0), dist.ReduceOp.SUM, group)
+    logp = torch.where(valid, z_label - lse, 0.0)
+    lse = torch.where(valid, lse, 0.0)
+    if not stats:
+        return logp, lse, None
+    share = torch.exp(lse_l - lse)  # this shard's probability mass
+    ent = lse - _all_reduce(share * (lse_l - st_l[..., 0]), dist.ReduceOp.SUM, group)
+    lsp2 = torch.log(_all_reduce(share * share * torch.exp(st_l[..., 3]), dist.ReduceOp.SUM, group))
+    mean = _all_reduce(st_l[..., 2] * (x.shape[-1] / vocab), dist.ReduceOp.SUM, group)
+    # First argmax: the label's shard must hold the global maximum and be the first shard that does.
+    zmax_l = _capped(x.amax(-1).to(lse.dtype), softcap) / temperature
+    zmax = _all_reduce(zmax_l.clone(), dist.ReduceOp.MAX, group)
+    rank = float(dist.get_rank(group))
+    first = _all_reduce(torch.where(zmax_l == zmax, rank, float("inf")), dist.ReduceOp.MIN, group)
+    hit = _all_reduce(torch.where(in_shard & (first == rank), st_l[..., 1], 0.0), dist.ReduceOp.SUM, group)
+    st = torch.stack([ent, hit, mean, lsp2], dim=-1)
+    return logp, lse, torch.where(valid.unsqueeze(-1), st, 0.0)
+
+
+class _VocabParallelFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, ref_logits, vocab_start, o, stats, group):
+        kern = _backends.kernel_module(Backend(o[4]))
+        V_r = logits.shape[-1]
+        valid = labels != o[0]
+        local = labels - vocab_start
+        in_shard = valid & (local >= 0) & (local < V_r)
+        logp, lse, st = _fold(kern, logits, labels, local, in_shard, valid, o, stats, group)
+        ref = (_fold(kern, ref_logits, labels, local, in_shard, valid, o, False, group)[0]
+               if ref_logits is not None else logp.new_empty(0))
+        ctx.save_for_backward(logits, local, in_shard, valid, lse)
+        ctx.o = o
+        out_st = st if stats else logp.new_empty(0)
+        ctx.mark_non_differentiable(ref, out_st)
+        return logp, ref, out_st
+
+    @staticmethod
+    def backward(ctx, grad_logp, _g_ref, _g_st):
+        x, local, in_shard, valid, lse = ctx.saved_tensors
+        _, temperature, softcap, _, _ = ctx.o
+        V_r = x.shape[-1]
+        xs, g = x.reshape(-1, V_r), torch.where(valid, grad_logp, 0.0).reshape(-1)
+        lse, local, in_shard = lse.reshape(-1), local.reshape(-1), in_shard.reshape(-1)
+        out = torch.empty_like(xs)
+        acc = _acc_dtype(x.dtype)
+        step = max(1, _CHUNK_ELEMS // max(V_r, 1))
+        for i in range(0, xs.shape[0], step):
+            sl = slice(i, i + step)
+            xf = xs[sl].to(acc)
+            if softcap > 0:
+                th = torch.tanh(xf / softcap)
+                z, dzdx = softcap * th / temperature, (1 - th * th) / temperature
+            else:
+                z, dzdx = xf / temperature, 1.0 / temperature
+            gi = g[sl].to(acc).unsqueeze(-1)
+            grad = -gi * torch.exp(z - lse[sl].unsqueeze(-1))
+            hot = in_shard[sl].unsqueeze(-1)
+            grad.scatter_add_(-1, torch.where(hot, local[sl].unsqueeze(-1), 0), torch.where(hot, gi, 0.0))
+            out[sl] = (grad * dzdx).to(x.dtype)
+        return out.view_as(x), None, None, None, None, None, None
+
+
+def vocab_parallel_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    process_group,
+    ref_logits: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    stats: bool = False,
+    backend: str | Backend = "auto",
+) -> FusedLogprobs:
+    """Per-token log-probs when each rank of ``process_group`` holds a vocabulary shard of the logits.
+
+    Args:
+        logits: ``[..., V_r]`` this rank's shard (shards contiguous in rank order, sizes may differ).
+        labels: global token ids shaped like ``logits.shape[:-1]``, identical on every rank.
+        process_group: a ``torch.distributed`` group (``dist.group.WORLD`` for all ranks).
+        ref_logits: the reference model's logits, sharded the same way (no gradient).
+        stats: also the per-token statistics of :func:`fastdpo.fused_logprobs`.
+
+    Returns:
+        :class:`FusedLogprobs` with the global values, identical on every rank; ``logps`` is
+        differentiable w.r.t. this rank's ``logits``. Collective: every rank must call it.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("fastdpo: process_group given but torch.distributed is not initialised "
+                         "(call torch.distributed.init_process_group first)")
+    if process_group is None:
+        raise ValueError("fastdpo: vocab_parallel_logprobs needs a process_group (e.g. torch.distributed.group.WORLD)")
+    _validation.check_float_tensor(logits, "logits")
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"fastdpo: logits must be a [..., V_r] vocabulary shard, got shape {tuple(logits.shape)}")
+    _validation.check_labels(labels, logits)
+    ignore_index = _validation.check_int(ignore_index, "ignore_index")
+    temperature = _validation.check_positive(temperature, "temperature")
+    softcap = _validation.check_positive(softcap, "softcap", allow_none=True) or 0.0
+    if ref_logits is not None:
+        _validation.check_float_tensor(ref_logits, "ref_logits")
+        _validation.check_same_shape(logits, ref_logits, "logits", "ref_logits")
+        if ref_logits.dtype != logits.dtype:
+            raise TypeError(f"fastdpo: ref_logits must have the dtype of logits ({logits.dtype}), got {ref_logits.dtype}")
+    vocab_start, vocab = shard_layout(logits.shape[-1], process_group)
+    _validation.check_label_range(labels, vocab, ignore_index)
+    backend = _resolve(str(backend), logits.device.type)
+    x = _as_3d(logits)
+    y = labels.reshape(x.shape[:2]).long().contiguous()
+    r = _as_3d(ref_logits.detach()) if ref_logits is not None else None
+    o = (ignore_index, temperature, softcap, vocab, backend)
+    logp, ref, st = _VocabParallelFunction.apply(x, y, r, vocab_start, o, bool(stats), process_group)
+    shape = labels.shape
+    return FusedLogprobs(logp.view(shape), ref.view(shape) if r is not None else None,
+                         st.view(*shape, NUM_STATS) if stats else None)
