@@ -9,7 +9,7 @@ from fastdpo._backends import Backend, BackendUnavailableError, available_backen
 from fastdpo._build import BuildError
 from fastdpo.ops.linear import linear_token_logprobs
 from fastdpo.ops.logprobs import FusedLogprobs, TokenLogprobs, fused_logprobs, token_logprobs
-from fastdpo.ops.vocab_parallel import vocab_parallel_logprobs
+from fastdpo.ops.vocab_parallel import vocab_parallel_linear_logprobs, vocab_parallel_logprobs
 from fastdpo.losses import (
     BCOLoss,
     DPOLoss,
@@ -45,6 +45,7 @@ __all__ = [
     "fused_logprobs",
     "linear_token_logprobs",
     "token_logprobs",
+    "vocab_parallel_linear_logprobs",
     "vocab_parallel_logprobs",
     "__version__",
 ]

@@ -27,6 +27,13 @@ def _data(dtype):
     return x, r, y, gy
 
 
+def _linear_data():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(N, T, 8, generator=g)
+    w = torch.randn(V, 8, generator=g)
+    return h, w, None, torch.randn(N, T, generator=g)
+
+
 CASES = [
     ("fp32", torch.float32, {}),
     ("fp32-cap", torch.float32, {"temperature": 0.7, "softcap": 2.0}),
@@ -56,6 +63,12 @@ def _worker(rank, world, init_file, out_dir):
     loss = fastdpo.dpo_loss(xs, y, ref_logits=_shard(r, rank), loss_type="ipo", process_group=group, backend="cpu")
     loss.loss.backward()
     res["dpo"] = (loss.loss.detach(), {k: v for k, v in loss.metrics.items()}, xs.grad)
+    h, w, _, gy = _linear_data()
+    hl = h.clone().requires_grad_(True)
+    ws = (w[:SPLIT] if rank == 0 else w[SPLIT:]).clone().requires_grad_(True)
+    out = fastdpo.vocab_parallel_linear_logprobs(hl, ws, y, process_group=group, ref_hidden=h * 0.5, backend="cpu")
+    (out.logps * gy).sum().backward()
+    res["linear"] = (out.logps.detach(), out.ref_logps, hl.grad, ws.grad)
     errors = []
     for bad in (lambda: fastdpo.vocab_parallel_logprobs(xs, y, process_group=None),
                 lambda: fastdpo.vocab_parallel_logprobs(xs, torch.full_like(y, V), process_group=group)):
@@ -122,3 +135,18 @@ def test_needs_initialised_process_group():
         pytest.skip("a process group is initialised in this process")
     with pytest.raises(ValueError, match="not initialised"):
         fastdpo.vocab_parallel_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), process_group=object())
+
+
+def test_weight_shards_match_unsharded(sharded):
+    h, w, _, gy = _linear_data()
+    _, _, y, _ = _data(torch.float32)
+    hl, wl = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    full = fastdpo.fused_logprobs(hl @ wl.t(), y, ref_logits=(h * 0.5) @ w.t(), backend="cpu")
+    (full.logps * gy).sum().backward()
+    for rank in range(2):
+        logps, ref, hgrad, _ = sharded[rank]["linear"]
+        torch.testing.assert_close(logps, full.logps, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ref, full.ref_logps, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hgrad, hl.grad, rtol=1e-5, atol=1e-5)  # summed over the group
+    wgrad = torch.cat([sharded[0]["linear"][3], sharded[1]["linear"][3]])
+    torch.testing.assert_close(wgrad, wl.grad, rtol=1e-5, atol=1e-5)

@@ -168,3 +168,54 @@ def vocab_parallel_logprobs(
     shape = labels.shape
     return FusedLogprobs(logp.view(shape), ref.view(shape) if r is not None else None,
                          st.view(*shape, NUM_STATS) if stats else None)
+
+
+class _CopyToGroup(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the group (replicated input, sharded use)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad.contiguous().clone(), dist.ReduceOp.SUM, ctx.group), None
+
+
+def vocab_parallel_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    process_group,
+    bias: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    **kwargs,
+) -> FusedLogprobs:
+    """:func:`vocab_parallel_logprobs` when each rank holds rows of the LM head: ``weight`` is this
+    rank's ``[V_r, H]`` shard (``bias`` its ``[V_r]`` part), ``hidden`` is replicated on the group.
+
+    The rank's logits shard ``hidden @ weight.T`` is formed once (``[..., V_r]``); the gradient of
+    ``hidden`` is summed over the group in backward (every rank's shard contributes), so each rank
+    ends with the full hidden gradient, as after Megatron's copy-to-tensor-parallel region.
+    ``ref_weight`` / ``ref_bias`` default to ``weight`` / ``bias``. Other arguments as
+    :func:`vocab_parallel_logprobs`.
+    """
+    _validation.check_float_tensor(hidden, "hidden")
+    _validation.check_float_tensor(weight, "weight")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"fastdpo: weight must be this rank's [V_r, H] shard with H = hidden.shape[-1] = "
+                         f"{hidden.shape[-1]}, got {tuple(weight.shape)}")
+    if process_group is None:
+        raise ValueError("fastdpo: vocab_parallel_linear_logprobs needs a process_group")
+    h = _CopyToGroup.apply(hidden, process_group) if hidden.requires_grad else hidden
+    logits = torch.nn.functional.linear(h, weight, bias)
+    ref = None
+    if ref_hidden is not None:
+        rw, rb = (weight, bias) if ref_weight is None else (ref_weight, ref_bias)
+        with torch.no_grad():
+            ref = torch.nn.functional.linear(ref_hidden, rw, rb)
+    return vocab_parallel_logprobs(logits, labels, process_group=process_group, ref_logits=ref, **kwargs)
