@@ -73,3 +73,26 @@ def check_same_shape(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str)
         raise ValueError(f"fastdpo: {name_b} must have the shape of {name_a} {tuple(a.shape)}, got {tuple(b.shape)}")
     if a.device != b.device:
         raise ValueError(f"fastdpo: {name_b} is on {b.device} but {name_a} is on {a.device}")
+
+
+def check_logprob_inputs(logits, labels, ref_logits, ignore_index, temperature, softcap):
+    """The checks every logits-in entry point shares; returns ``(ignore_index, temperature, softcap)``
+    with ``softcap = 0.0`` for none."""
+    check_float_tensor(logits, "logits")
+    if logits.dim() == 0:
+        raise ValueError("fastdpo: logits must have a vocabulary dimension [..., V], got a 0-d tensor")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"fastdpo: logits have an empty vocabulary dimension, shape {tuple(logits.shape)}")
+    check_labels(labels, logits)
+    ignore_index = check_int(ignore_index, "ignore_index")
+    temperature = check_positive(temperature, "temperature")
+    softcap = check_positive(softcap, "softcap", allow_none=True) or 0.0
+    if ref_logits is not None:
+        check_float_tensor(ref_logits, "ref_logits")
+        check_same_shape(logits, ref_logits, "logits", "ref_logits")
+        if ref_logits.dtype != logits.dtype:
+            raise TypeError(
+                f"fastdpo: ref_logits must have the dtype of logits ({logits.dtype}), got {ref_logits.dtype}; "
+                "cast the reference logits (e.g. ref_logits.to(logits.dtype))"
+            )
+    return ignore_index, temperature, softcap

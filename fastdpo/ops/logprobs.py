@@ -107,23 +107,9 @@ def fused_logprobs(
     ``logits``, no gradient) adds ``ref_logps``, ``stats=True`` adds the per-token
     statistics.
     """
-    _validation.check_float_tensor(logits, "logits")
-    if logits.dim() == 0:
-        raise ValueError("fastdpo: logits must have a vocabulary dimension [..., V], got a 0-d tensor")
-    if logits.shape[-1] == 0:
-        raise ValueError(f"fastdpo: logits have an empty vocabulary dimension, shape {tuple(logits.shape)}")
-    _validation.check_labels(labels, logits)
-    ignore_index = _validation.check_int(ignore_index, "ignore_index")
-    temperature = _validation.check_positive(temperature, "temperature")
-    softcap = _validation.check_positive(softcap, "softcap", allow_none=True) or 0.0
-    if ref_logits is not None:
-        _validation.check_float_tensor(ref_logits, "ref_logits")
-        _validation.check_same_shape(logits, ref_logits, "logits", "ref_logits")
-        if ref_logits.dtype != logits.dtype:
-            raise TypeError(
-                f"fastdpo: ref_logits must have the dtype of logits ({logits.dtype}), got {ref_logits.dtype}; "
-                "cast the reference logits (e.g. ref_logits.to(logits.dtype))"
-            )
+    ignore_index, temperature, softcap = _validation.check_logprob_inputs(
+        logits, labels, ref_logits, ignore_index, temperature, softcap
+    )
     if inplace_backward and logits.requires_grad and logits.is_leaf:
         raise ValueError(
             "fastdpo: inplace_backward=True would overwrite a leaf tensor that requires grad; "

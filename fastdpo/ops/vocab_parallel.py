@@ -145,18 +145,9 @@ def vocab_parallel_logprobs(
                          "(call torch.distributed.init_process_group first)")
     if process_group is None:
         raise ValueError("fastdpo: vocab_parallel_logprobs needs a process_group (e.g. torch.distributed.group.WORLD)")
-    _validation.check_float_tensor(logits, "logits")
-    if logits.dim() == 0 or logits.shape[-1] == 0:
-        raise ValueError(f"fastdpo: logits must be a [..., V_r] vocabulary shard, got shape {tuple(logits.shape)}")
-    _validation.check_labels(labels, logits)
-    ignore_index = _validation.check_int(ignore_index, "ignore_index")
-    temperature = _validation.check_positive(temperature, "temperature")
-    softcap = _validation.check_positive(softcap, "softcap", allow_none=True) or 0.0
-    if ref_logits is not None:
-        _validation.check_float_tensor(ref_logits, "ref_logits")
-        _validation.check_same_shape(logits, ref_logits, "logits", "ref_logits")
-        if ref_logits.dtype != logits.dtype:
-            raise TypeError(f"fastdpo: ref_logits must have the dtype of logits ({logits.dtype}), got {ref_logits.dtype}")
+    ignore_index, temperature, softcap = _validation.check_logprob_inputs(
+        logits, labels, ref_logits, ignore_index, temperature, softcap
+    )
     vocab_start, vocab = shard_layout(logits.shape[-1], process_group)
     _validation.check_label_range(labels, vocab, ignore_index)
     backend = _resolve(str(backend), logits.device.type)
