@@ -430,7 +430,7 @@ def linear_dpo_loss(
             carries the gradient) or ``"auto"`` (grad_in_forward when allowed and a gradient is
             needed, else recompute).
         memory_budget: bytes of logits held at once (default: ``$FASTDPO_LINEAR_BUDGET_MB``,
-            else 1 GiB on GPUs, 64 MiB on CPU).
+            else 1 GiB on GPUs, 2^24 logits on CPU: 64 MiB fp32, 32 MiB bf16).
 
     Gradients flow to ``hidden``, ``weight`` and ``bias``, accumulated in fp32.
     """ + _LOSS_DOC

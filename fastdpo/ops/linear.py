@@ -42,12 +42,13 @@ STRATEGIES = ("auto", "recompute", "grad_in_forward")
 _NT_BLOCK = 4096
 
 
-def default_memory_budget(device: torch.device) -> int:
-    """Bytes of logits one tile may hold: ``$FASTDPO_LINEAR_BUDGET_MB``, else 1 GiB on GPUs and 64 MiB on CPU."""
+def default_memory_budget(device: torch.device, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of logits one tile may hold: ``$FASTDPO_LINEAR_BUDGET_MB``, else 1 GiB on GPUs and
+    2^24 logits on CPU (64 MiB in fp32, 32 MiB in bf16/fp16)."""
     env = os.environ.get("FASTDPO_LINEAR_BUDGET_MB")
     if env:
         return int(float(env) * (1 << 20))
-    return (1 << 30) if device.type == "cuda" else (64 << 20)
+    return (1 << 30) if device.type == "cuda" else (1 << 24) * torch.empty(0, dtype=dtype).element_size()
 
 
 class TileOptions(NamedTuple):
@@ -248,7 +249,7 @@ def prepare(hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=No
     logit_scale = _validation.check_positive(logit_scale, "logit_scale")
     V, H = weight.shape
     if memory_budget is None:
-        memory_budget = default_memory_budget(hidden.device)
+        memory_budget = default_memory_budget(hidden.device, hidden.dtype)
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0:
         raise ValueError(f"fastdpo: memory_budget must be a positive number of bytes, got {memory_budget!r}")
     rows = max(1, memory_budget // (V * hidden.element_size()))
