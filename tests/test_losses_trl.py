@@ -145,3 +145,37 @@ def test_trl_parity_precomputed_reference(loss):
 
 def test_all_trl_loss_types_registered():
     assert set(TRL_LOSSES) <= set(L.available_losses())
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "hinge", "ipo"])
+@pytest.mark.parametrize("alpha", [0.0, 0.25])
+def test_cpo_loss_types_match_trl_cpo_trainer(kind, alpha):
+    cpo_mod = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2 * B, T, V, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, V, (2 * B, T), generator=g)
+    labels[:, :2] = -100
+    x = logits.clone().requires_grad_(True)
+    out = L.dpo_loss(x, labels, loss_type="cpo", cpo_loss_type=kind, alpha=alpha, cpo_alpha=0.0, beta=0.2,
+                     backend="torch")
+    out.loss.backward()
+
+    x2 = logits.clone().requires_grad_(True)
+    lp = torch.log_softmax(x2, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    seq = (lp * (labels != -100)).sum(-1)
+    fake = types.SimpleNamespace(alpha=alpha, beta=0.2, label_smoothing=0.0, simpo_gamma=0.5, loss_type=kind,
+                                 accelerator=types.SimpleNamespace(device=torch.device("cpu")))
+    losses, cr, rr = cpo_mod.CPOTrainer.cpo_loss(fake, seq[:B], seq[B:])
+    losses.mean().backward()
+    torch.testing.assert_close(out.loss.double(), losses.mean(), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(out.chosen_rewards.double(), cr, rtol=1e-6, atol=1e-8)
+
+
+def test_cpo_loss_type_validation():
+    logits = torch.randn(4, 3, 5)
+    labels = torch.randint(0, 5, (4, 3))
+    with pytest.raises(ValueError, match="cpo_loss_type"):
+        L.dpo_loss(logits, labels, loss_type="cpo", cpo_loss_type="squared", backend="torch")
+    with pytest.raises(ValueError, match="simpo_gamma"):
+        L.dpo_loss(logits, labels, loss_type="cpo", cpo_loss_type="hinge", simpo_gamma=0.5, backend="torch")

@@ -28,12 +28,32 @@ def _cpo_rewards(s, cfg):
     return s.block(ell, 0), s.block(ell, 1)
 
 
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+
+
+def _check_cpo(cfg):
+    if cfg.cpo_loss_type not in CPO_LOSS_TYPES:
+        raise ValueError(f"fastdpo: unknown cpo_loss_type {cfg.cpo_loss_type!r}; expected one of {CPO_LOSS_TYPES}")
+    if cfg.cpo_loss_type != "sigmoid" and (cfg.simpo_gamma != 0 or cfg.label_smoothing != 0):
+        raise ValueError(f"fastdpo: cpo_loss_type={cfg.cpo_loss_type!r} uses neither simpo_gamma nor label_smoothing "
+                         f"(got {cfg.simpo_gamma} and {cfg.label_smoothing}); set them to 0")
+
+
 def _cpo_family(s, cfg):
-    r"""CPO / SimPO / AlphaPO: with rewards :math:`r_w, r_l` (:func:`_cpo_rewards`),
-    :math:`z = \beta(r_w - r_l) - \gamma`,
-    loss :math:`-(1-\varepsilon)\log\sigma(z) - \varepsilon\log\sigma(-z) + \lambda\,\mathrm{NLL}` (``cpo_alpha`` = :math:`\lambda`)."""
+    r"""CPO / SimPO / AlphaPO: with rewards :math:`r_w, r_l` (:func:`_cpo_rewards`) and :math:`d = r_w - r_l`,
+    ``cpo_loss_type`` (TRL's CPOTrainer ``loss_type``) ``"sigmoid"``:
+    :math:`-(1-\varepsilon)\log\sigma(z) - \varepsilon\log\sigma(-z)` with :math:`z = \beta d - \gamma`;
+    ``"hinge"`` (SLiC, Zhao et al. 2023, arXiv:2305.10425): :math:`\max(0, 1 - \beta d)`;
+    ``"ipo"`` (Azar et al. 2023, arXiv:2310.12036, Eq. 17): :math:`(d - 1/(2\beta))^2`;
+    plus :math:`\lambda\,\mathrm{NLL}` (``cpo_alpha`` = :math:`\lambda`)."""
     rw, rl = _cpo_rewards(s, cfg)
-    loss = smoothed_sigmoid_loss(cfg.beta * (rw - rl) - cfg.simpo_gamma, cfg.label_smoothing)
+    kind = getattr(cfg, "cpo_loss_type", "sigmoid")
+    if kind == "hinge":
+        loss = torch.relu(1 - cfg.beta * (rw - rl))
+    elif kind == "ipo":
+        loss = ((rw - rl) - 1 / (2 * cfg.beta)) ** 2
+    else:
+        loss = smoothed_sigmoid_loss(cfg.beta * (rw - rl) - cfg.simpo_gamma, cfg.label_smoothing)
     if cfg.cpo_alpha != 0:
         nll = s.nll(0)
         s.metrics["nll_loss"] = nll
@@ -51,8 +71,9 @@ def _rewards(s, cfg):
 _DOC = _cpo_family.__doc__
 
 
-@register_loss("cpo", reference="unused", rewards=_rewards,
-               defaults={"cpo_alpha": 1.0, "alpha": 0.0, "simpo_gamma": 0.0, "length_normalize": False, "log_nll": True})
+@register_loss("cpo", reference="unused", rewards=_rewards, validate=_check_cpo,
+               defaults={"cpo_alpha": 1.0, "alpha": 0.0, "simpo_gamma": 0.0, "length_normalize": False, "log_nll": True,
+                         "cpo_loss_type": "sigmoid"})
 def cpo(s, cfg):
     return _cpo_family(s, cfg)
 
