@@ -91,6 +91,19 @@ def ref_bco(pol, ref, n, ts, beta=0.1):
     return torch.cat([-F.logsigmoid(w - d), -F.logsigmoid(-(l - d))]).mean()
 
 
+def ref_bco_udm(pol, ref, n, ts, beta=0.1, prob=None, lo=0.5, hi=10.0):
+    """BCO with TRL's underlying-distribution-matching weight on the undesirable half."""
+    r = beta * (pol - ref)
+    d = r.mean().detach()
+    w, l = _halves(r)
+    pl = _halves(prob.double())[1]
+    ratio = torch.clamp(pl / (1 - pl + 1e-8), min=lo, max=hi)
+    return torch.cat([-F.logsigmoid(w - d), -ratio * F.logsigmoid(-(l - d))]).mean()
+
+
+_UDM = torch.tensor([0.3, 0.6, 0.05, 0.995])
+
+
 def ref_ties_rk(pol, ref, n, ts, beta=0.1, nu=2.0, ties=None):
     w, l = _halves(pol - ref)
     d = beta * (w - l)
@@ -158,6 +171,7 @@ CASES = {
     "orpo": (4, dict(loss_type="orpo"), ref_orpo, {}, False),
     "kto": (4, dict(loss_type="kto", kl=0.3, desirable_weight=1.5, undesirable_weight=0.7), ref_kto, {}, True),
     "bco": (4, dict(loss_type="bco"), ref_bco, {}, True),
+    "bco_udm": (4, dict(loss_type="bco", udm_prob=_UDM), ref_bco_udm, dict(prob=_UDM), True),
     "ties_rk": (6, dict(loss_type="dpo_ties", ties=_TIES), ref_ties_rk, dict(ties=_TIES), True),
     "ties_davidson": (6, dict(loss_type="dpo_ties", ties=_TIES, tie_model="davidson"), ref_ties_dav,
                       dict(ties=_TIES), True),
@@ -382,6 +396,8 @@ def test_custom_objective_registration():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(loss_type="nope"), "loss_type"),
+    (dict(loss_type="bco", min_density_ratio=2.0, max_density_ratio=1.0), "min_density_ratio"),
+    (dict(loss_type="bco", udm_prob=torch.ones(3) * 0.5), "udm_prob"),
     (dict(loss_type="robust", label_smoothing=0.5), "label_smoothing"),
     (dict(loss_type="exo_pair"), "label_smoothing"),
     (dict(loss_type="apo_zero", ref_logits=None), "reference"),

@@ -55,14 +55,28 @@ def apo_zero_unpaired(s, cfg):
     return torch.where(s.desirable, cfg.desirable_weight * (1 - z), cfg.undesirable_weight * z)
 
 
-@register_loss("bco", reference="required", unpaired=True, weighting=False, separable=False, defaults={"running": None, "delta": None})
+def _check_bco(cfg):
+    lo, hi = cfg.min_density_ratio, cfg.max_density_ratio
+    if not (0 <= lo <= hi):
+        raise ValueError(f"fastdpo: bco needs 0 <= min_density_ratio <= max_density_ratio, got {lo} and {hi}")
+
+
+@register_loss("bco", reference="required", unpaired=True, weighting=False, separable=False, validate=_check_bco,
+               defaults={"running": None, "delta": None, "udm_prob": None, "min_density_ratio": 0.5,
+                         "max_density_ratio": 10.0})
 def bco(s, cfg):
-    r"""BCO (Jung et al. 2024, arXiv:2404.04656) without the density-ratio (UDM) weights: reward
-    :math:`r = \beta\rho`, shift :math:`\delta` = running mean of the batch-mean rewards (no gradient),
-    desirable :math:`-\log\sigma(r - \delta)`, undesirable :math:`-\log\sigma(-(r - \delta))`.
+    r"""BCO (Jung et al. 2024, arXiv:2404.04656): reward :math:`r = \beta\rho`, shift :math:`\delta` =
+    running mean of the batch-mean rewards (no gradient), desirable :math:`-\log\sigma(r - \delta)`,
+    undesirable :math:`-w\,\log\sigma(-(r - \delta))`.
 
     ``running``: a :class:`RunningMean` updated with this batch (see :class:`BCOLoss`); ``delta``: a fixed
     shift instead; neither: this batch's mean reward.
+
+    Underlying-distribution matching (the paper's density-ratio trick, TRL's
+    ``match_underlying_distribution``): ``udm_prob`` ``[N]`` is a prompt classifier's probability
+    that each sequence's prompt comes from the desirable distribution; undesirable sequences are
+    weighted by :math:`w = \mathrm{clamp}(p / (1 - p + 10^{-8}),` ``min_density_ratio``,
+    ``max_density_ratio``:math:`)` (defaults 0.5 and 10, as TRL); without it :math:`w = 1`.
     """
     r = cfg.beta * s.logratios
     batch_mean = r.detach().mean()
@@ -73,7 +87,15 @@ def bco(s, cfg):
     else:
         delta = batch_mean
     s.metrics["delta"] = delta.detach()
-    return -F.logsigmoid(torch.where(s.desirable, r - delta, delta - r))
+    loss = -F.logsigmoid(torch.where(s.desirable, r - delta, delta - r))
+    if cfg.udm_prob is not None:
+        p = torch.as_tensor(cfg.udm_prob, device=r.device).to(r.dtype).detach()
+        if p.shape != r.shape:
+            raise ValueError(f"fastdpo: bco udm_prob must have one probability per sequence, shape {tuple(r.shape)}, "
+                             f"got {tuple(p.shape)}")
+        w = (p / (1 - p + 1e-8)).clamp(min=cfg.min_density_ratio, max=cfg.max_density_ratio)
+        loss = torch.where(s.desirable, loss, w * loss)
+    return loss
 
 
 class RunningMean(torch.nn.Module):
