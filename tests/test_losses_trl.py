@@ -22,15 +22,15 @@ TRL_LOSSES = ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
 B, T, V = 3, 7, 13
 
 
-class _FakeLM:
+class _FakeLM(torch.nn.Module):
     """Stands in for a model patched with TRL's fused LM head: returns per-token outputs for ``labels[:, 1:]``."""
 
     def __init__(self, logits):
+        super().__init__()
         self.logits = logits
-        self.training = True
         self.is_gradient_checkpointing = False
 
-    def __call__(self, *, input_ids, labels, **kwargs):
+    def forward(self, *, input_ids, labels, **kwargs):
         y = labels[:, 1:]
         valid = y != -100
         logp_all = torch.log_softmax(self.logits.double(), -1)
