@@ -4,10 +4,16 @@ Every kernel module (``fastdpo.kernels.<name>``) implements the same contract
 on 3-D logits ``[B, T, V]`` (any strides on B and T, stride 1 on V)::
 
     unavailable_reason(device) -> str | None        # None when usable (may build/load code)
-    logprobs_fwd(logits, labels, ref_logits, ignore_index, temperature, softcap, stats)
-        -> (logp [B,T], lse [B,T], ref_logp [B,T] or empty, stats [B,T,4] or empty)
-    logprobs_bwd(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, inplace)
+    logprobs_fwd(logits, labels, ref_logits, ignore_index, temperature, softcap, stats, kl=False)
+        -> (logp [B,T], lse [B,T], ref_logp [B,T] or empty, stats [B,T,4] or empty,
+            kl [B,T] or empty, ref_lse [B,T] or empty)
+    logprobs_bwd(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, inplace,
+                 grad_kl=None, ref_logits=None, ref_lse=None)
         -> grad_logits [B,T,V] (``logits`` itself when inplace)
+
+``kl=True`` (with ``ref_logits``) adds the per-token KL(reference || policy) over the
+whole vocabulary; its gradient ``grad_kl * (p - q)`` joins the backward when
+``grad_kl`` is given (see ``kernels/reference.py`` for the formulas).
 
 with ``softcap == 0.0`` meaning "no soft cap" and float32 outputs (float64 for
 float64 logits). The torch reference (``kernels/reference.py``) is the oracle.

@@ -291,10 +291,16 @@ def test_opcheck_cpu_ops():
     fwd = torch.ops.fastdpo.logprobs_fwd
     torch.library.opcheck(fwd.default, (x, y, r, -100, 1.0, 0.0, True))
     torch.library.opcheck(fwd.default, (x.bfloat16(), y, None, -100, 0.5, 3.0, False))
-    _, lse, _, _ = fwd(x, y, None, -100, 1.0, 0.0, False)
+    torch.library.opcheck(fwd.default, (x, y, r, -100, 0.5, 3.0, True, True))  # + token-level KL
+    lse = fwd(x, y, None, -100, 1.0, 0.0, False)[1]
     g = torch.randn(2, 3)
     torch.library.opcheck(torch.ops.fastdpo.logprobs_bwd.default, (g, x, y, lse, -100, 1.0, 0.0))
     torch.library.opcheck(torch.ops.fastdpo.logprobs_bwd_.default, (g, x.clone(), y, lse, -100, 1.0, 0.0))
+    ref_lse = fwd(x, y, r, -100, 1.0, 0.0, False, True)[5]
+    gk = torch.randn(2, 3)
+    torch.library.opcheck(torch.ops.fastdpo.logprobs_bwd.default, (g, x, y, lse, -100, 1.0, 0.0, gk, r, ref_lse))
+    torch.library.opcheck(torch.ops.fastdpo.logprobs_bwd_.default,
+                          (g, x.clone(), y, lse, -100, 1.0, 0.0, gk, r, ref_lse))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

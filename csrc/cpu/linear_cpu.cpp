@@ -23,10 +23,11 @@ namespace {
 // Vocabulary columns per weight-gradient GEMM on the reduced-precision path.
 constexpr int64_t kNtBlock = 4096;
 
-using FwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double, double, bool);
+using FwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double, double, bool, bool);
 using BwdSig = void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double,
-                    double);
+                    double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                    const std::optional<at::Tensor>&);
 
 // The fused kernels are called through the dispatcher (the same ops Python calls).
 const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
@@ -80,8 +81,9 @@ void linear_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, const st
     const at::Tensor sel = idx.slice(0, i, j);
     at::Tensor x = buf.narrow(0, 0, j - i);
     project(x, hidden.index_select(0, sel), weight, bias, scale);
-    auto [lp, ls, unused, st] = fwd_op().call(x.unsqueeze(0), labels.index_select(0, sel).unsqueeze(0),
-                                              std::nullopt, ignore_index, temperature, softcap, want_stats);
+    auto [lp, ls, unused, st, unused_kl, unused_ref_lse] =
+        fwd_op().call(x.unsqueeze(0), labels.index_select(0, sel).unsqueeze(0), std::nullopt, ignore_index,
+                      temperature, softcap, want_stats, false);
     logp.index_copy_(0, sel, lp.squeeze(0));
     if (lse.has_value()) lse->index_copy_(0, sel, ls.squeeze(0));
     if (want_stats) stats->index_copy_(0, sel, st.squeeze(0));
@@ -107,7 +109,7 @@ void linear_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& hidden, const
     project(x, h, weight, bias, scale);
     bwd_op().call(grad_logp.index_select(0, sel).unsqueeze(0).contiguous(), x.unsqueeze(0),
                   labels.index_select(0, sel).unsqueeze(0), lse.index_select(0, sel).unsqueeze(0), ignore_index,
-                  temperature, softcap);
+                  temperature, softcap, std::nullopt, std::nullopt, std::nullopt);
     if (grad_hidden.has_value()) {
       at::Tensor gh = nt ? at::mm(x, wt.t()) : at::mm(x, weight);
       if (scale != 1.0) gh.mul_(scale);

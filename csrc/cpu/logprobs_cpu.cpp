@@ -43,6 +43,8 @@ constexpr int64_t kChunk = 1024;
 template <typename acc_t>
 struct RowResult {
   acc_t lse;
+  acc_t m;      // lse = m + log_s, kept apart for the KL pass (math.h: kl_term)
+  acc_t log_s;
   acc_t z_label;
   acc_t stats[kNumStats];
 };
@@ -174,6 +176,8 @@ RowResult<acc_t> reduce_row(const scalar_t* __restrict__ x, int64_t V, int64_t l
   RowResult<acc_t> r;
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   r.lse = nan_seen ? nan : lse_value(st);
+  r.m = st.m;
+  r.log_s = nan_seen ? nan : acc_t(::log(st.s));
   r.z_label = z_label;
   if (kStats) {
     r.stats[kStatEntropy] = nan_seen ? nan : lse_entropy(st);
@@ -181,6 +185,66 @@ RowResult<acc_t> reduce_row(const scalar_t* __restrict__ x, int64_t V, int64_t l
     r.stats[kStatMeanLogit] = nan_seen ? nan : acc_t(sum_capped / double(V));
     r.stats[kStatLogSumP2] = nan_seen ? nan : lse_log_sum_p2(st);
   }
+  return r;
+}
+
+// Chunk of z = transform(x) in the accumulation type.
+template <bool kCap, typename scalar_t, typename acc_t>
+inline void load_transformed(const scalar_t* __restrict__ x, acc_t* __restrict__ buf, int n, const Transform& tf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+#pragma omp simd
+    for (int i = 0; i < n; ++i) buf[i] = transform_logit_t<kCap>(x[i], tf);
+  } else {
+    load_chunk(x, buf, n);
+#pragma omp simd
+    for (int i = 0; i < n; ++i) buf[i] = transform_logit_t<kCap>(buf[i], tf);
+  }
+}
+
+template <typename acc_t>
+struct RefKLResult {
+  acc_t lse;
+  acc_t z_label;
+  acc_t kl;
+};
+
+// The reference row folded together with the per-token KL(q || p) (math.h: kl_term,
+// lse_kl). The policy row is read again (it was just reduced, so it is cache-hot) for
+// z_v; its max m_p and log s_p are already known, so one online state over z' suffices.
+template <bool kCap, typename scalar_t, typename acc_t>
+RefKLResult<acc_t> reduce_ref_kl(const scalar_t* __restrict__ xr, const scalar_t* __restrict__ xp, int64_t V,
+                                 int64_t label, acc_t m_p, acc_t log_s_p, const Transform& tf) {
+  alignas(64) acc_t zr[kChunk];
+  alignas(64) acc_t zp[kChunk];
+  OnlineLSE<acc_t> st = lse_identity<acc_t>();
+  int nan_seen = 0;
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    const int n = int(std::min(kChunk, V - c0));
+    load_transformed<kCap>(xr + c0, zr, n, tf);
+    load_transformed<kCap>(xp + c0, zp, n, tf);
+    acc_t m = -INFINITY;
+#pragma omp simd reduction(max : m) reduction(| : nan_seen)
+    for (int i = 0; i < n; ++i) {
+      nan_seen |= (zr[i] != zr[i]);
+      m = zr[i] > m ? zr[i] : m;
+    }
+    if (m == -INFINITY) continue;
+    acc_t cs = 0, ca = 0;
+#pragma omp simd reduction(+ : cs, ca)
+    for (int i = 0; i < n; ++i) {
+      const acc_t d = zr[i] - m;
+      const acc_t e = exp_nonpos(d);
+      cs += e;
+      ca += kl_term(e, d, zp[i], m_p, log_s_p);
+    }
+    OnlineLSE<acc_t> chunk{m, cs, ca, acc_t(0)};
+    st = lse_merge(st, chunk);
+  }
+  RefKLResult<acc_t> r;
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  r.lse = nan_seen ? nan : lse_value(st);
+  r.z_label = transform_logit_t<kCap>(static_cast<acc_t>(xr[label]), tf);
+  r.kl = nan_seen ? nan : lse_kl(st);
   return r;
 }
 
@@ -212,10 +276,10 @@ inline int64_t row_offset(const at::Tensor& t, int64_t r, int64_t T) {
   return (r / T) * t.stride(0) + (r % T) * t.stride(1);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& labels, const c10::optional<at::Tensor>& ref_logits,
-    int64_t ignore_index, double temperature, double softcap, bool stats) {
-  check_fwd(logits, labels, ref_logits, temperature, softcap);
+    int64_t ignore_index, double temperature, double softcap, bool stats, bool kl) {
+  check_fwd(logits, labels, ref_logits, temperature, softcap, kl);
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
   const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto opts = logits.options().dtype(acc_type);
@@ -223,7 +287,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
   at::Tensor lse = at::zeros({B, T}, opts);
   at::Tensor ref_logp = ref_logits.has_value() ? at::zeros({B, T}, opts) : at::empty({0}, opts);
   at::Tensor st = stats ? at::zeros({B, T, kNumStats}, opts) : at::empty({0}, opts);
-  if (B * T == 0) return {logp, lse, ref_logp, st};
+  at::Tensor kl_out = kl ? at::zeros({B, T}, opts) : at::empty({0}, opts);
+  at::Tensor ref_lse = kl ? at::zeros({B, T}, opts) : at::empty({0}, opts);
+  if (B * T == 0) return {logp, lse, ref_logp, st, kl_out, ref_lse};
 
   const std::vector<int64_t> rows = active_rows(labels, V, ignore_index);
   const at::Tensor lab = labels.contiguous();
@@ -240,6 +306,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
     acc_t* lse_p = lse.mutable_data_ptr<acc_t>();
     acc_t* ref_p = has_ref ? ref_logp.mutable_data_ptr<acc_t>() : nullptr;
     acc_t* st_p = stats ? st.mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* kl_p = kl ? kl_out.mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* ref_lse_p = kl ? ref_lse.mutable_data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, int64_t(rows.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         const int64_t r = rows[k];
@@ -249,14 +317,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
         if (stats) {
           for (int j = 0; j < kNumStats; ++j) st_p[r * kNumStats + j] = res.stats[j];
         }
-        if (has_ref) {
+        if (kl) {
+          const scalar_t* rrow = rp + row_offset(ref, r, T);
+          const scalar_t* xrow = xp + row_offset(logits, r, T);
+          const auto rk = tf.softcap > 0.0f ? reduce_ref_kl<true>(rrow, xrow, V, y[r], res.m, res.log_s, tf)
+                                            : reduce_ref_kl<false>(rrow, xrow, V, y[r], res.m, res.log_s, tf);
+          ref_p[r] = rk.z_label - rk.lse;
+          ref_lse_p[r] = rk.lse;
+          kl_p[r] = rk.kl;
+        } else if (has_ref) {
           const auto rr = reduce_row_any<scalar_t, acc_t>(rp + row_offset(ref, r, T), V, y[r], tf, false);
           ref_p[r] = rr.z_label - rr.lse;
         }
       }
     });
   });
-  return {logp, lse, ref_logp, st};
+  return {logp, lse, ref_logp, st, kl_out, ref_lse};
 }
 
 // One row of the gradient, chunk by chunk through an L1 buffer; `out` may
@@ -275,12 +351,32 @@ void grad_row(const scalar_t* x, scalar_t* out, int64_t V, int64_t label, acc_t 
   }
 }
 
-// grad_x[r, :] = g_r * (onehot(y_r) - softmax(z_r)) * dz/dx, written into `out`
-// (which may be `logits` itself: each element is read before it is written,
-// and the label's entry is computed before the row is overwritten).
+// The same with the KL term (math.h: logprob_kl_grad_t); `xr` is the reference row.
+template <bool kCap, typename scalar_t, typename acc_t>
+void grad_row_kl(const scalar_t* x, const scalar_t* xr, scalar_t* out, int64_t V, int64_t label, acc_t g, acc_t gk,
+                 acc_t lse, acc_t ref_lse, const Transform& tf) {
+  alignas(64) acc_t buf[kChunk];
+  alignas(64) acc_t bufr[kChunk];
+  const acc_t g_label = logprob_kl_grad_t<kCap>(g, gk, static_cast<acc_t>(x[label]), static_cast<acc_t>(xr[label]),
+                                                lse, ref_lse, acc_t(1), tf);
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    const int n = int(std::min(kChunk, V - c0));
+    load_chunk(x + c0, buf, n);
+    load_chunk(xr + c0, bufr, n);
+#pragma omp simd
+    for (int i = 0; i < n; ++i) buf[i] = logprob_kl_grad_t<kCap>(g, gk, buf[i], bufr[i], lse, ref_lse, acc_t(0), tf);
+    if (label >= c0 && label < c0 + n) buf[label - c0] = g_label;
+    store_chunk(buf, out + c0, n);
+  }
+}
+
+// grad_x[r, :] = g_r * (onehot(y_r) - softmax(z_r)) * dz/dx (+ the KL term's gk_r * (p - q) * dz/dx
+// with grad_kl), written into `out` (which may be `logits` itself: each element is read before it
+// is written, and the label's entry is computed before the row is overwritten).
 void logprobs_bwd_into(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
                        const at::Tensor& lse, int64_t ignore_index, double temperature, double softcap,
-                       const at::Tensor& out) {
+                       const c10::optional<at::Tensor>& grad_kl, const c10::optional<at::Tensor>& ref_logits,
+                       const c10::optional<at::Tensor>& ref_lse, const at::Tensor& out) {
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
   if (B * T == 0) return;
   const at::Tensor lab = labels.contiguous();
@@ -289,24 +385,39 @@ void logprobs_bwd_into(const at::Tensor& grad_logp, const at::Tensor& logits, co
   const at::Tensor g = grad_logp.contiguous();
   const at::Tensor l = lse.contiguous();
   const Transform tf = make_transform(float(temperature), float(softcap));
+  const bool has_kl = grad_kl.has_value();
+  const at::Tensor gkl = has_kl ? grad_kl->contiguous() : at::Tensor();
+  const at::Tensor rl = has_kl ? ref_lse->contiguous() : at::Tensor();
+  const at::Tensor ref = has_kl ? *ref_logits : logits;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "fastdpo_logprobs_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = logits.const_data_ptr<scalar_t>();
+    const scalar_t* rp = ref.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const int64_t* y = lab.const_data_ptr<int64_t>();
     const acc_t* gp = g.const_data_ptr<acc_t>();
     const acc_t* lp = l.const_data_ptr<acc_t>();
+    const acc_t* gkp = has_kl ? gkl.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* rlp = has_kl ? rl.const_data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, B * T, 1, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* xr = xp + row_offset(logits, r, T);
         scalar_t* orow = op + row_offset(out, r, T);
         const acc_t gr = gp[r];
-        if (y[r] == ignore_index || gr == acc_t(0)) {
+        const acc_t gk = has_kl ? gkp[r] : acc_t(0);
+        if (y[r] == ignore_index || (gr == acc_t(0) && gk == acc_t(0))) {
           std::fill(orow, orow + V, scalar_t(0));
           continue;
         }
-        if (tf.softcap > 0.0f) {
+        if (gk != acc_t(0)) {  // only rows with a KL gradient read the reference row
+          const scalar_t* rrow = rp + row_offset(ref, r, T);
+          if (tf.softcap > 0.0f) {
+            grad_row_kl<true>(xr, rrow, orow, V, y[r], gr, gk, lp[r], rlp[r], tf);
+          } else {
+            grad_row_kl<false>(xr, rrow, orow, V, y[r], gr, gk, lp[r], rlp[r], tf);
+          }
+        } else if (tf.softcap > 0.0f) {
           grad_row<true>(xr, orow, V, y[r], gr, lp[r], tf);
         } else {
           grad_row<false>(xr, orow, V, y[r], gr, lp[r], tf);
@@ -376,19 +487,29 @@ class GradBufferPool {
 };
 
 at::Tensor logprobs_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
-                            const at::Tensor& lse, int64_t ignore_index, double temperature, double softcap) {
+                            const at::Tensor& lse, int64_t ignore_index, double temperature, double softcap,
+                            const c10::optional<at::Tensor>& grad_kl, const c10::optional<at::Tensor>& ref_logits,
+                            const c10::optional<at::Tensor>& ref_lse) {
   check_bwd(grad_logp, logits, labels, lse, temperature, softcap);
+  check_bwd_kl(logits, labels, grad_kl, ref_logits, ref_lse);
   at::Tensor out = GradBufferPool::get().empty(logits);
-  logprobs_bwd_into(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, out);
+  logprobs_bwd_into(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, grad_kl, ref_logits, ref_lse,
+                    out);
   return out;
 }
 
 void logprobs_bwd_inplace_cpu(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
-                              const at::Tensor& lse, int64_t ignore_index, double temperature, double softcap) {
+                              const at::Tensor& lse, int64_t ignore_index, double temperature, double softcap,
+                              const c10::optional<at::Tensor>& grad_kl, const c10::optional<at::Tensor>& ref_logits,
+                              const c10::optional<at::Tensor>& ref_lse) {
   check_bwd(grad_logp, logits, labels, lse, temperature, softcap);
+  check_bwd_kl(logits, labels, grad_kl, ref_logits, ref_lse);
   TORCH_CHECK(!logits.is_inference() || c10::InferenceMode::is_enabled(),
               "fastdpo: in-place backward needs writable logits");
-  logprobs_bwd_into(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, logits);
+  TORCH_CHECK(!ref_logits.has_value() || !ref_logits->is_same(logits),
+              "fastdpo: in-place backward cannot overwrite logits that are also the ref_logits");
+  logprobs_bwd_into(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, grad_kl, ref_logits, ref_lse,
+                    logits);
 }
 
 }  // namespace

@@ -6,12 +6,14 @@ from __future__ import annotations
 import torch
 
 
-def logprobs_fwd(logits, labels, ref_logits, ignore_index, temperature, softcap, stats):
-    return torch.ops.fastdpo.logprobs_fwd(logits, labels, ref_logits, ignore_index, temperature, softcap, stats)
+def logprobs_fwd(logits, labels, ref_logits, ignore_index, temperature, softcap, stats, kl=False):
+    return torch.ops.fastdpo.logprobs_fwd(logits, labels, ref_logits, ignore_index, temperature, softcap, stats, kl)
 
 
-def logprobs_bwd(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, inplace):
+def logprobs_bwd(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, inplace, grad_kl=None,
+                 ref_logits=None, ref_lse=None):
+    args = (grad_logp, logits, labels, lse, ignore_index, temperature, softcap, grad_kl, ref_logits, ref_lse)
     if inplace:
-        torch.ops.fastdpo.logprobs_bwd_(grad_logp, logits, labels, lse, ignore_index, temperature, softcap)
+        torch.ops.fastdpo.logprobs_bwd_(*args)
         return logits
-    return torch.ops.fastdpo.logprobs_bwd(grad_logp, logits, labels, lse, ignore_index, temperature, softcap)
+    return torch.ops.fastdpo.logprobs_bwd(*args)

@@ -24,11 +24,14 @@ class FusedLogprobs(NamedTuple):
     ``ref_logps``: the same for ``ref_logits`` (no gradient), or None.
     ``stats``: ``labels.shape + (4,)`` float32 (no gradient), or None; columns
     ``entropy, argmax_hit, mean_logit, log_sum_p2`` (see :data:`STAT_NAMES`), 0 at ignored tokens.
+    ``kl``: the per-token full-vocabulary ``KL(pi_ref || pi)`` (``kl=True``), differentiable
+    w.r.t. the policy logits, 0 at ignored tokens; or None.
     """
 
     logps: torch.Tensor
     ref_logps: torch.Tensor | None
     stats: torch.Tensor | None
+    kl: torch.Tensor | None = None
 
 
 class TokenLogprobs(NamedTuple):
@@ -50,27 +53,29 @@ def _resolve(name: str, device_type: str) -> str:
 
 class _LogprobsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, ref_logits, ignore_index, temperature, softcap, stats, inplace, backend):
+    def forward(ctx, logits, labels, ref_logits, ignore_index, temperature, softcap, stats, kl, inplace, backend):
         kern = _backends.kernel_module(Backend(backend))
-        logp, lse, ref_logp, st = kern.logprobs_fwd(
-            logits, labels, ref_logits, ignore_index, temperature, softcap, stats
+        logp, lse, ref_logp, st, kl_out, ref_lse = kern.logprobs_fwd(
+            logits, labels, ref_logits, ignore_index, temperature, softcap, stats, kl
         )
-        ctx.save_for_backward(logits, labels, lse)
+        # The KL gradient needs the reference distribution again: its logits and log-sum-exp.
+        ctx.save_for_backward(logits, labels, lse, *((ref_logits, ref_lse) if kl else ()))
         ctx.args = (ignore_index, temperature, softcap, inplace, backend)
         ctx.mark_non_differentiable(ref_logp, st)
-        return logp, ref_logp, st
+        return logp, ref_logp, st, kl_out
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_ref, _grad_stats):
-        logits, labels, lse = ctx.saved_tensors
+    def backward(ctx, grad_logp, _grad_ref, _grad_stats, grad_kl):
+        logits, labels, lse, *ref = ctx.saved_tensors
         ignore_index, temperature, softcap, inplace, backend = ctx.args
         kern = _backends.kernel_module(Backend(backend))
+        kl_args = (grad_kl.contiguous(), *ref) if ref else ()
         grad = kern.logprobs_bwd(
-            grad_logp.contiguous(), logits, labels, lse, ignore_index, temperature, softcap, inplace
+            grad_logp.contiguous(), logits, labels, lse, ignore_index, temperature, softcap, inplace, *kl_args
         )
         if inplace:
             torch.autograd.graph.increment_version(logits)
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def _as_3d(logits: torch.Tensor) -> torch.Tensor:
@@ -98,18 +103,31 @@ def fused_logprobs(
     temperature: float = 1.0,
     softcap: float | None = None,
     stats: bool = False,
+    kl: bool = False,
     inplace_backward: bool = False,
     backend: str | Backend = "auto",
 ) -> FusedLogprobs:
-    """Policy log-probs, reference log-probs and statistics in one pass over the logits.
+    r"""Policy log-probs, reference log-probs, statistics and the token-level KL in one pass.
 
     See :func:`token_logprobs` for the arguments; ``ref_logits`` (same shape as
     ``logits``, no gradient) adds ``ref_logps``, ``stats=True`` adds the per-token
-    statistics.
+    statistics, and ``kl=True`` (needs ``ref_logits``) adds the per-token KL of the
+    reference distribution to the policy over the whole vocabulary (as RRPO and TDPO
+    regularise), differentiable w.r.t. ``logits``:
+
+    .. math::
+        \mathrm{KL}_t = \sum_v q_{t,v} (\log q_{t,v} - \log p_{t,v}), \quad
+        rac{\partial \mathrm{KL}_t}{\partial z_{t,v}} = p_{t,v} - q_{t,v}
+
+    with :math:`p = \mathrm{softmax}(z)`, :math:`q = \mathrm{softmax}(z')` of the equally
+    transformed (soft cap, temperature) policy and reference logits. The reference
+    logits are kept for the backward.
     """
     ignore_index, temperature, softcap = _validation.check_logprob_inputs(
         logits, labels, ref_logits, ignore_index, temperature, softcap
     )
+    if kl and ref_logits is None:
+        raise ValueError("fastdpo: kl=True (the per-token KL to the reference) needs ref_logits")
     if inplace_backward and logits.requires_grad and logits.is_leaf:
         raise ValueError(
             "fastdpo: inplace_backward=True would overwrite a leaf tensor that requires grad; "
@@ -124,13 +142,14 @@ def fused_logprobs(
     x = _as_3d(logits)
     y = labels.reshape(x.shape[:2]).long().contiguous()
     r = _as_3d(ref_logits.detach()) if ref_logits is not None else None
-    logp, ref_logp, st = _LogprobsFunction.apply(
-        x, y, r, ignore_index, temperature, softcap, bool(stats), bool(inplace_backward), backend
+    logp, ref_logp, st, kl_out = _LogprobsFunction.apply(
+        x, y, r, ignore_index, temperature, softcap, bool(stats), bool(kl), bool(inplace_backward), backend
     )
     return FusedLogprobs(
         logp.view(out_shape),
         ref_logp.view(out_shape) if r is not None else None,
         st.view(*out_shape, len(STAT_NAMES)) if stats else None,
+        kl_out.view(out_shape) if kl else None,
     )
 
 

@@ -19,7 +19,8 @@ inline void check_logits(const at::Tensor& logits, const char* name) {
 }
 
 inline void check_fwd(const at::Tensor& logits, const at::Tensor& labels, const c10::optional<at::Tensor>& ref_logits,
-                      double temperature, double softcap) {
+                      double temperature, double softcap, bool kl = false) {
+  TORCH_CHECK(!kl || ref_logits.has_value(), "fastdpo: kl=True (the per-token KL to the reference) needs ref_logits");
   check_logits(logits, "logits");
   TORCH_CHECK(labels.scalar_type() == at::kLong, "fastdpo: labels must be int64, got ", labels.scalar_type());
   TORCH_CHECK(labels.dim() == 2 && labels.size(0) == logits.size(0) && labels.size(1) == logits.size(1),
@@ -51,6 +52,22 @@ inline void check_bwd(const at::Tensor& grad_logp, const at::Tensor& logits, con
     TORCH_CHECK(t->scalar_type() == acc, "fastdpo: backward inputs grad_logp and lse must be ", acc, ", got ",
                 t->scalar_type());
     TORCH_CHECK(t->device() == logits.device(), "fastdpo: backward inputs must be on ", logits.device());
+  }
+}
+
+// The KL term of the backward: grad_kl and ref_lse [B, T] in the accumulation type, and
+// ref_logits shaped like logits; all three or none.
+inline void check_bwd_kl(const at::Tensor& logits, const at::Tensor& labels, const c10::optional<at::Tensor>& grad_kl,
+                         const c10::optional<at::Tensor>& ref_logits, const c10::optional<at::Tensor>& ref_lse) {
+  if (!grad_kl.has_value()) return;
+  TORCH_CHECK(ref_logits.has_value() && ref_lse.has_value(),
+              "fastdpo: a backward with grad_kl needs ref_logits and ref_lse (from the forward with kl=True)");
+  check_fwd(logits, labels, ref_logits, 1.0, 0.0);  // ref_logits: shape, dtype, device, strides
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const auto* t : {&*grad_kl, &*ref_lse}) {
+    TORCH_CHECK(t->sizes() == labels.sizes() && t->scalar_type() == acc && t->device() == logits.device(),
+                "fastdpo: backward inputs grad_kl and ref_lse must be ", acc, " tensors of shape ", labels.sizes(),
+                " on ", logits.device(), ", got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
   }
 }
 

@@ -185,6 +185,23 @@ FASTDPO_HD acc_t lse_log_sum_p2(const OnlineLSE<acc_t>& st) {
   return ::log(st.s2) - acc_t(2) * ::log(st.s);
 }
 
+// Per-token KL(q || p) of the reference distribution q = softmax(z') to the policy p,
+// folded over the reference row once the policy row's max m_p and log s_p (lse = m_p + log s_p)
+// are known: an OnlineLSE over z' whose `sz` field holds
+//   a = sum_v exp(z'_v - m) * ((z'_v - m) - logp_v),  logp_v = (z_v - m_p) - log s_p
+// (it rescales exactly like sz in lse_merge, since a = sz - sum_v exp(z'_v - m) logp_v),
+// gives KL = sum_v q_v (log q_v - logp_v) = a / s - log s. logp_v is formed from m_p and
+// log s_p, not from a rounded lse, so logits ~1e4 lose no accuracy. Terms with q_v = 0 count 0.
+template <typename acc_t>
+FASTDPO_HD acc_t kl_term(acc_t e, acc_t d_ref, acc_t z, acc_t m_p, acc_t log_s_p) {
+  return e > acc_t(0) ? e * (d_ref - ((z - m_p) - log_s_p)) : acc_t(0);
+}
+
+template <typename acc_t>
+FASTDPO_HD acc_t lse_kl(const OnlineLSE<acc_t>& st) {
+  return st.sz / st.s - ::log(st.s);
+}
+
 // d logp(y) / d x_v = g * (1[v == y] - exp(z_v - lse)) * ds/dx_v / T.
 template <bool kCap, typename acc_t>
 FASTDPO_HD acc_t logprob_grad_t(acc_t g, acc_t x, acc_t lse, acc_t onehot, const Transform& t) {
@@ -193,6 +210,19 @@ FASTDPO_HD acc_t logprob_grad_t(acc_t g, acc_t x, acc_t lse, acc_t onehot, const
   const acc_t z = s * acc_t(t.inv_temperature);
   const acc_t p = exp_nonpos(z - lse);
   return g * (onehot - p) * ds * acc_t(t.inv_temperature);
+}
+
+// With the KL term: d [g logp(y) + gk KL(q || p)] / d x_v
+//   = (g 1[v == y] - (g - gk) p_v - gk q_v) * ds/dx_v / T,  q_v = exp(z'_v - ref_lse).
+template <bool kCap, typename acc_t>
+FASTDPO_HD acc_t logprob_kl_grad_t(acc_t g, acc_t gk, acc_t x, acc_t xr, acc_t lse, acc_t ref_lse, acc_t onehot,
+                                   const Transform& t) {
+  acc_t s, ds;
+  softcap_fwd_t<kCap>(x, t, s, ds);
+  const acc_t z = s * acc_t(t.inv_temperature);
+  const acc_t p = exp_nonpos(z - lse);
+  const acc_t q = exp_nonpos(transform_logit_t<kCap>(xr, t) - ref_lse);
+  return (g * onehot - (g - gk) * p - gk * q) * ds * acc_t(t.inv_temperature);
 }
 
 template <typename acc_t>
