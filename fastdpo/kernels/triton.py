@@ -49,49 +49,62 @@ def _define_ops():
 
     @triton_op("fastdpo::logprobs_fwd_triton", mutates_args=())
     def fwd(logits: torch.Tensor, labels: torch.Tensor, ref_logits: Optional[torch.Tensor], ignore_index: int,
-            temperature: float, softcap: float, stats: bool
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            temperature: float, softcap: float, stats: bool, kl: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        _check_kl_fwd(ref_logits, kl)
         B, T, V = logits.shape
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         logp = torch.zeros(B, T, dtype=acc, device=logits.device)
         lse = torch.zeros_like(logp)
         ref = torch.zeros_like(logp) if ref_logits is not None else logp.new_empty(0)
         st = torch.zeros(B, T, 4, dtype=acc, device=logits.device) if stats else logp.new_empty(0)
+        kl_out = torch.zeros_like(logp) if kl else logp.new_empty(0)
+        ref_lse = torch.zeros_like(logp) if kl else logp.new_empty(0)
         if B * T:
             inv_t, cap, inv_cap, has_cap = _launch_consts(temperature, softcap)
             r = ref_logits if ref_logits is not None else logits
             block = _block(V)
             wrap_triton(k.logprobs_fwd_kernel)[(B * T,)](
                 logits, r, labels, logp, lse, ref if ref_logits is not None else logp, st if stats else logp,
+                kl_out if kl else logp, ref_lse if kl else logp,
                 T, logits.stride(0), logits.stride(1), r.stride(0), r.stride(1), V, ignore_index, inv_t, cap,
-                inv_cap, BLOCK=block, HAS_CAP=has_cap, STATS=stats, HAS_REF=ref_logits is not None,
+                inv_cap, BLOCK=block, HAS_CAP=has_cap, STATS=stats, HAS_REF=ref_logits is not None, KL=kl,
                 num_warps=_warps(block),
             )
-        return logp, lse, ref, st
+        return logp, lse, ref, st, kl_out, ref_lse
 
-    def launch_bwd(grad, logits, labels, lse, out, ignore_index, temperature, softcap):
+    def launch_bwd(grad, logits, labels, lse, out, ignore_index, temperature, softcap, grad_kl, ref_logits, ref_lse):
+        _check_kl_bwd(grad_kl, ref_logits, ref_lse)
         B, T, V = logits.shape
         if B * T == 0:
             return
         inv_t, cap, inv_cap, has_cap = _launch_consts(temperature, softcap)
         block = _block(V)
         grid = (B * T, triton.cdiv(V, block))
+        has_kl = grad_kl is not None
+        # Without KL the extra pointers are never read; any tensor stands in.
+        gk, r, rl = (grad_kl, ref_logits, ref_lse) if has_kl else (grad, logits, lse)
         wrap_triton(k.logprobs_bwd_kernel)[grid](
-            grad, logits, labels, lse, out, T, logits.stride(0), logits.stride(1), out.stride(0), out.stride(1),
-            V, ignore_index, inv_t, cap, inv_cap, BLOCK=block, HAS_CAP=has_cap, num_warps=_warps(block),
+            grad, logits, labels, lse, out, gk, r, rl, T, logits.stride(0), logits.stride(1), out.stride(0),
+            out.stride(1), r.stride(0), r.stride(1), V, ignore_index, inv_t, cap, inv_cap, BLOCK=block,
+            HAS_CAP=has_cap, HAS_KL=has_kl, num_warps=_warps(block),
         )
 
     @triton_op("fastdpo::logprobs_bwd_triton", mutates_args=())
     def bwd(grad_logp: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
-            ignore_index: int, temperature: float, softcap: float) -> torch.Tensor:
+            ignore_index: int, temperature: float, softcap: float, grad_kl: Optional[torch.Tensor] = None,
+            ref_logits: Optional[torch.Tensor] = None, ref_lse: Optional[torch.Tensor] = None) -> torch.Tensor:
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        launch_bwd(grad_logp, logits, labels, lse, out, ignore_index, temperature, softcap)
+        launch_bwd(grad_logp, logits, labels, lse, out, ignore_index, temperature, softcap, grad_kl, ref_logits,
+                   ref_lse)
         return out
 
     @triton_op("fastdpo::logprobs_bwd_triton_", mutates_args=("logits",))
     def bwd_inplace(grad_logp: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
-                    ignore_index: int, temperature: float, softcap: float) -> None:
-        launch_bwd(grad_logp, logits, labels, lse, logits, ignore_index, temperature, softcap)
+                    ignore_index: int, temperature: float, softcap: float, grad_kl: Optional[torch.Tensor] = None,
+                    ref_logits: Optional[torch.Tensor] = None, ref_lse: Optional[torch.Tensor] = None) -> None:
+        launch_bwd(grad_logp, logits, labels, lse, logits, ignore_index, temperature, softcap, grad_kl, ref_logits,
+                   ref_lse)
 
     return fwd, bwd, bwd_inplace
 
@@ -103,17 +116,32 @@ def _get_ops():
     return _ops
 
 
-def logprobs_fwd(logits, labels, ref_logits, ignore_index, temperature, softcap, stats):
+def _check_kl_fwd(ref_logits, kl):
+    if kl and ref_logits is None:
+        raise ValueError("fastdpo: kl=True (the per-token KL to the reference) needs ref_logits")
+
+
+def _check_kl_bwd(grad_kl, ref_logits, ref_lse):
+    if grad_kl is not None and (ref_logits is None or ref_lse is None):
+        raise ValueError("fastdpo: grad_kl (the KL term of the backward) needs ref_logits and ref_lse")
+
+
+def logprobs_fwd(logits, labels, ref_logits, ignore_index, temperature, softcap, stats, kl=False):
     if logits.dtype == torch.float64:
         raise TypeError("fastdpo: the triton backend takes float32, bfloat16 or float16 logits, got float64")
-    return torch.ops.fastdpo.logprobs_fwd_triton(logits, labels, ref_logits, ignore_index, temperature, softcap, stats)
+    _check_kl_fwd(ref_logits, kl)
+    return torch.ops.fastdpo.logprobs_fwd_triton(logits, labels, ref_logits, ignore_index, temperature, softcap, stats,
+                                                 kl)
 
 
-def logprobs_bwd(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, inplace):
+def logprobs_bwd(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, inplace, grad_kl=None,
+                 ref_logits=None, ref_lse=None):
+    _check_kl_bwd(grad_kl, ref_logits, ref_lse)
+    args = (grad_logp, logits, labels, lse, ignore_index, temperature, softcap, grad_kl, ref_logits, ref_lse)
     if inplace:
-        torch.ops.fastdpo.logprobs_bwd_triton_(grad_logp, logits, labels, lse, ignore_index, temperature, softcap)
+        torch.ops.fastdpo.logprobs_bwd_triton_(*args)
         return logits
-    return torch.ops.fastdpo.logprobs_bwd_triton(grad_logp, logits, labels, lse, ignore_index, temperature, softcap)
+    return torch.ops.fastdpo.logprobs_bwd_triton(*args)
 
 
 # ----------------------------------------------------------------------------- building blocks

@@ -3,8 +3,10 @@
 Forward: one program per token row walks the vocabulary in blocks, keeping the
 online max / sum-exp (and, for statistics, ``sum e (z - m)``, ``sum e^2``, the
 sum of z and the first argmax), reads the label logit, and folds the reference
-row in the same launch. Backward: a 2-D grid (rows x vocabulary blocks) writes
-``g (onehot - softmax(z)) dz/dx``, optionally into the logits themselves.
+row in the same launch; with KL the reference pass also re-reads the (L2-hot)
+policy row to fold ``KL(q || p)``. Backward: a 2-D grid (rows x vocabulary
+blocks) writes ``g (onehot - softmax(z)) dz/dx`` (plus the KL term
+``gk (p - q) dz/dx`` when asked), optionally into the logits themselves.
 Math in fp32, row offsets in int64. Same definitions as ``kernels/reference.py``
 and ``csrc/include/fastdpo/math.h``.
 """
@@ -76,14 +78,48 @@ def _row_reduce(row_ptr, V, inv_t, softcap, inv_softcap, BLOCK: tl.constexpr, HA
     else:
         ent = 0.0
         lsp2 = 0.0
-    return lse, ent, lsp2, zsum / V, best_idx, nans
+    # m and log s apart as well: the KL pass forms log p = (z - m) - log s without a rounded lse.
+    return lse, ent, lsp2, zsum / V, best_idx, nans, m, tl.log(s)
+
+
+@triton.jit
+def _ref_kl_reduce(r_row, x_row, m_p, log_s_p, V, inv_t, softcap, inv_softcap, BLOCK: tl.constexpr,
+                   HAS_CAP: tl.constexpr):
+    """Online fold of the reference row z' against the policy's log-probs (z - m_p) - log s_p:
+    (m, s, a) with a = sum e (d - log p), e = exp(d), d = z' - m, rescaled like
+    the entropy accumulator. Returns (ref lse, KL(q || p) = a / s - log s, nan count
+    of the reference row)."""
+    m = -float("inf")
+    s = 0.0
+    a = 0.0
+    nans = 0
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        valid = cols < V
+        xr = tl.load(r_row + cols, mask=valid, other=0.0).to(tl.float32)
+        zr, _ = _transform(xr, inv_t, softcap, inv_softcap, HAS_CAP)
+        x = tl.load(x_row + cols, mask=valid, other=0.0).to(tl.float32)
+        z, _ = _transform(x, inv_t, softcap, inv_softcap, HAS_CAP)
+        nans += tl.sum(((zr != zr) & valid).to(tl.int32), axis=0)
+        zm = tl.where(valid & (zr == zr), zr, -float("inf"))
+        new_m = tl.maximum(m, tl.max(zm, axis=0))
+        if new_m != -float("inf"):
+            f_old = tl.where(m == -float("inf"), 0.0, tl.exp(m - new_m))
+            shift = tl.where(m == -float("inf"), 0.0, m - new_m)
+            d = zm - new_m
+            e = tl.where(zm == -float("inf"), 0.0, tl.exp(d))
+            # q_v = 0 terms count 0 (also where p_v = 0 would give 0 * inf)
+            a = f_old * (a + s * shift) + tl.sum(tl.where(e > 0, e * (d - ((z - m_p) - log_s_p)), 0.0), axis=0)
+            s = s * f_old + tl.sum(e, axis=0)
+            m = new_m
+    return m + tl.log(s), a / s - tl.log(s), nans
 
 
 @triton.jit
 def logprobs_fwd_kernel(
-    x_ptr, r_ptr, y_ptr, logp_ptr, lse_ptr, ref_ptr, st_ptr,
+    x_ptr, r_ptr, y_ptr, logp_ptr, lse_ptr, ref_ptr, st_ptr, kl_ptr, rlse_ptr,
     T, sxb, sxt, srb, srt, V, ignore_index, inv_t, softcap, inv_softcap,
-    BLOCK: tl.constexpr, HAS_CAP: tl.constexpr, STATS: tl.constexpr, HAS_REF: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_CAP: tl.constexpr, STATS: tl.constexpr, HAS_REF: tl.constexpr, KL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(y_ptr + row)
@@ -92,7 +128,8 @@ def logprobs_fwd_kernel(
     b = row // T
     t = row % T
     x_row = x_ptr + b * sxb + t * sxt
-    lse, ent, lsp2, zmean, best_idx, nans = _row_reduce(x_row, V, inv_t, softcap, inv_softcap, BLOCK, HAS_CAP, STATS)
+    lse, ent, lsp2, zmean, best_idx, nans, m, log_s = _row_reduce(x_row, V, inv_t, softcap, inv_softcap, BLOCK,
+                                                                    HAS_CAP, STATS)
     safe = tl.minimum(tl.maximum(label, 0), V - 1)  # the Python layer rejects out-of-range labels
     z_y, _ = _transform(tl.load(x_row + safe).to(tl.float32), inv_t, softcap, inv_softcap, HAS_CAP)
     nan = float("nan")
@@ -107,16 +144,24 @@ def logprobs_fwd_kernel(
         tl.store(st_ptr + row * 4 + 3, tl.where(bad, nan, lsp2))
     if HAS_REF:
         r_row = r_ptr + b * srb + t * srt
-        rlse, _, _, _, _, rnans = _row_reduce(r_row, V, inv_t, softcap, inv_softcap, BLOCK, HAS_CAP, False)
+        if KL:
+            # KL needs the policy lse, so the reference pass comes second and also yields the reference lse.
+            rlse, kl, rnans = _ref_kl_reduce(r_row, x_row, m, log_s, V, inv_t, softcap, inv_softcap, BLOCK, HAS_CAP)
+            rlse = tl.where(rnans > 0, nan, rlse)
+            tl.store(rlse_ptr + row, rlse)
+            tl.store(kl_ptr + row, tl.where(rnans > 0, nan, kl))
+        else:
+            rlse, _, _, _, _, rnans, _, _ = _row_reduce(r_row, V, inv_t, softcap, inv_softcap, BLOCK, HAS_CAP, False)
+            rlse = tl.where(rnans > 0, nan, rlse)
         rz_y, _ = _transform(tl.load(r_row + safe).to(tl.float32), inv_t, softcap, inv_softcap, HAS_CAP)
-        tl.store(ref_ptr + row, tl.where(rnans > 0, nan, rz_y - rlse))
+        tl.store(ref_ptr + row, rz_y - rlse)
 
 
 @triton.jit
 def logprobs_bwd_kernel(
-    g_ptr, x_ptr, y_ptr, lse_ptr, out_ptr,
-    T, sxb, sxt, sob, sot, V, ignore_index, inv_t, softcap, inv_softcap,
-    BLOCK: tl.constexpr, HAS_CAP: tl.constexpr,
+    g_ptr, x_ptr, y_ptr, lse_ptr, out_ptr, gk_ptr, r_ptr, rlse_ptr,
+    T, sxb, sxt, sob, sot, srb, srt, V, ignore_index, inv_t, softcap, inv_softcap,
+    BLOCK: tl.constexpr, HAS_CAP: tl.constexpr, HAS_KL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -124,9 +169,15 @@ def logprobs_bwd_kernel(
     b = row // T
     t = row % T
     label = tl.load(y_ptr + row)
-    g = tl.load(g_ptr + row)
+    g = tl.load(g_ptr + row).to(tl.float32)
+    if HAS_KL:
+        gk = tl.load(gk_ptr + row).to(tl.float32)
+        skip = (label == ignore_index) | ((g == 0.0) & (gk == 0.0))
+    else:
+        gk = 0.0
+        skip = (label == ignore_index) | (g == 0.0)
     o_row = out_ptr + b * sob + t * sot
-    if (label == ignore_index) | (g == 0.0):
+    if skip:
         tl.store(o_row + cols, tl.zeros([BLOCK], dtype=tl.float32).to(out_ptr.dtype.element_ty), mask=valid)
     else:
         lse = tl.load(lse_ptr + row)
@@ -134,7 +185,17 @@ def logprobs_bwd_kernel(
         z, dz = _transform(x, inv_t, softcap, inv_softcap, HAS_CAP)
         p = tl.exp(z - lse)
         onehot = (cols == label).to(tl.float32)
-        grad = g * (onehot - p) * dz
+        if HAS_KL:
+            # (g 1[v == y] - (g - gk) p - gk q) dz/dx; the reference row is only read where gk != 0.
+            gq = tl.zeros([BLOCK], dtype=tl.float32)
+            if gk != 0.0:
+                rlse = tl.load(rlse_ptr + row)
+                xr = tl.load(r_ptr + b * srb + t * srt + cols, mask=valid, other=0.0).to(tl.float32)
+                zr, _ = _transform(xr, inv_t, softcap, inv_softcap, HAS_CAP)
+                gq = gk * tl.exp(zr - rlse)
+            grad = (g * onehot - (g - gk) * p - gq) * dz
+        else:
+            grad = g * (onehot - p) * dz
         tl.store(o_row + cols, grad.to(out_ptr.dtype.element_ty), mask=valid)
 
 
