@@ -3,6 +3,7 @@ no GPU), compared with the torch reference where a GPU is present."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,24 @@ needs_toolkit = pytest.mark.skipif(
 )
 
 
+def _assert_cuda_kernel_matches_schema(op):
+    """The C++ signature registered for CUDA has the schema's argument and return types
+    (kl, grad_kl, ref_logits, ref_lse included), read from the dispatcher's dump."""
+    schema = getattr(torch.ops.fastdpo, op).default._schema
+
+    def spelled(t):
+        s = str(t)
+        return s[len("Optional[") : -1] + "?" if s.startswith("Optional[") else s
+
+    want = ([spelled(a.type) for a in schema.arguments], [spelled(r.type) for r in schema.returns])
+    line = next(ln for ln in torch._C._dispatch_dump(f"fastdpo::{op}").splitlines() if ln.startswith("CUDA:"))
+    m = re.search(r" :: \((.*?)\) -> \(?(.*?)\)? \[", line)
+    if m is None:  # the dump format is torch's own; nothing to compare against
+        return
+    got = tuple([a.split()[0] for a in part.split(", ") if a] for part in m.groups())
+    assert got == want, (op, line)
+
+
 @needs_toolkit
 def test_extension_builds_links_and_registers_cuda_kernels(monkeypatch):
     monkeypatch.setenv("FASTDPO_CUDA_ARCHS", "80;90")
@@ -25,6 +44,7 @@ def test_extension_builds_links_and_registers_cuda_kernels(monkeypatch):
     assert path.endswith(".so")
     for op in ("logprobs_fwd", "logprobs_bwd", "logprobs_bwd_"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdpo::{op}", "CUDA"), op
+        _assert_cuda_kernel_matches_schema(op)
     log = Path(path).parent.parent / (Path(path).parent.name + ".log")
     if log.is_file():  # built in this cache: both architectures were compiled, warnings are errors
         text = log.read_text()
@@ -101,3 +121,147 @@ def test_a_warning_in_our_cuda_sources_fails_the_build(tmp_path):
     assert subprocess.run(base, capture_output=True).returncode == 0  # a plain build accepts it
     p = subprocess.run(base + flags, capture_output=True, text=True)
     assert p.returncode != 0 and "unused" in (p.stdout + p.stderr)
+
+
+# The per-token KL(reference || policy): forward (kl, ref log-probs) and backward with
+# both upstream gradients, against the torch backend and a float64 ground truth.
+
+
+def _kl_case(shape, V, dtype):
+    x, y, w = _case(shape, V, dtype)
+    r, _, wk = _case(shape, V, dtype, seed=1)
+    y[1] = -100  # a fully ignored sequence
+    y[0, :3] = torch.tensor([0, V - 1, V // 2])
+    w[0, 0] = 0.0  # only the KL gradient
+    wk[0, 1] = 0.0  # only the log-prob gradient
+    w[0, 2] = wk[0, 2] = 0.0  # neither: the row's gradient is exactly 0
+    return x, y, r, w, wk
+
+
+def _run_kl(backend, x, y, r, w, wk, inplace=False, **kw):
+    xx = x.detach().clone().requires_grad_()
+    logits = xx.view_as(xx) if inplace else xx
+    out = fastdpo.fused_logprobs(logits, y, ref_logits=r, kl=True, stats=True, inplace_backward=inplace,
+                                 backend=backend, **kw)
+    ((out.logps * w).sum() + (out.kl * wk).sum()).backward()
+    return out, xx.grad
+
+
+def _err(a, truth):
+    return (a.double() - truth.double()).abs().max().item()
+
+
+def _assert_no_worse(got, same_dtype, truth, k, tol, what):
+    """got's error vs the float64 truth is within k times the same-dtype torch error, plus tol (relative)."""
+    scale = 1.0 + truth.abs().max().item()
+    e, e_ref = _err(got, truth), _err(same_dtype, truth)
+    assert e <= k * e_ref + tol * scale, f"{what}: error {e:.3g} vs torch's {e_ref:.3g} (scale {scale:.3g})"
+
+
+# Outputs of the forward are float32 for every input dtype (computed in float32 from exactly
+# representable inputs); gradients are rounded to the input dtype (tolerance: one unit in the last place).
+FWD_TOL = 2e-5
+GRAD_TOL = {torch.float32: 2e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("V", [1, 7, 1000, 32001, 262144])
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.7, "softcap": 5.0}])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_kl_matches_reference_on_gpu(dtype, V, kw, inplace):
+    x, y, r, w, wk = _kl_case((2, 5), V, dtype)
+    o64, g64 = _run_kl("torch", x.double(), y, r.double(), w.double(), wk.double(), **kw)
+    ot, gt = _run_kl("torch", x, y, r, w, wk, **kw)
+    ok, gk = _run_kl("cuda", x, y, r, w, wk, inplace=inplace, **kw)
+    assert ok.kl.dtype == torch.float32 and ok.kl.shape == y.shape
+    for name in ("logps", "ref_logps", "kl"):
+        _assert_no_worse(getattr(ok, name), getattr(ot, name), getattr(o64, name), 4, FWD_TOL, name)
+    _assert_no_worse(gk, gt, g64, 4, GRAD_TOL[dtype], "grad")
+    assert (ok.kl[1] == 0).all() and (ok.kl[y == -100] == 0).all()  # ignored tokens
+    assert (gk[1] == 0).all() and (gk[y == -100] == 0).all()
+    assert (gk[0, 2] == 0).all()  # both upstream gradients 0
+    if V > 1:
+        assert (gk[0, 0] != 0).any() and (gk[0, 1] != 0).any()  # one of them non-zero
+    assert (ok.kl[y != -100] >= -1e-5).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [1000, 262144])
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.7, "softcap": 5.0}])
+def test_small_kl_is_accurate_on_gpu(dtype, V, kw):
+    """Policy close to the reference: a KL of ~1e-3 out of a sum of terms of size ~log V."""
+    x, y, _ = _case((2, 5), V, torch.float32)
+    r = (x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).cuda()).to(dtype)
+    x = x.to(dtype)
+    truth = _run_kl("torch", x.double(), y, r.double(), torch.zeros(y.shape).cuda(), torch.ones(y.shape).cuda(),
+                    **kw)[0].kl
+    got = fastdpo.fused_logprobs(x, y, ref_logits=r, kl=True, backend="cuda", **kw).kl
+    valid = y != -100
+    assert (truth[valid] > 1e-4).all()
+    torch.testing.assert_close(got.double(), truth, atol=3e-5, rtol=1e-2)
+
+
+@pytest.mark.gpu
+def test_kl_of_large_logits_is_accurate_on_gpu():
+    """Logits ~1e4: the KL pass forms log p from the policy's max and log-sum, not a rounded lse."""
+    x, y, _ = _case((2, 5), 32000, torch.float32)
+    x = x + 1e4
+    r = x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).cuda()
+    truth = fastdpo.fused_logprobs(x.double(), y, ref_logits=r.double(), kl=True, backend="torch").kl
+    got = fastdpo.fused_logprobs(x, y, ref_logits=r, kl=True, backend="cuda").kl
+    torch.testing.assert_close(got.double(), truth, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.gpu
+def test_kl_gpu_bitwise_reproducible_with_strided_misaligned_reference():
+    V = 32000
+    x, y, w = _case((3, 9), V, torch.bfloat16)
+    rr, _, wk = _case((3, 8), V + 1, torch.bfloat16, seed=1)
+    sl, ys, ws = x[:, :-1], y[:, 1:], w[:, 1:]
+    ref = rr[..., 1:]  # own strides; rows start off 16-byte boundaries
+    a = _run_kl("cuda", sl, ys, ref, ws, wk)
+    b = _run_kl("cuda", sl, ys, ref, ws, wk)
+    assert torch.equal(a[0].kl, b[0].kl) and torch.equal(a[0].ref_logps, b[0].ref_logps) and torch.equal(a[1], b[1])
+    t = _run_kl("torch", sl, ys, ref, ws, wk)
+    strided = fastdpo.fused_logprobs(sl, ys, ref_logits=ref, kl=True, backend="cuda")  # policy strides too
+    torch.testing.assert_close(strided.kl, a[0].kl, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(strided.logps, a[0].logps, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(a[0].kl, t[0].kl, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a[0].ref_logps, t[0].ref_logps, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(a[1].float(), t[1].float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_kl_op_contract_on_gpu():
+    ops = torch.ops.fastdpo
+    fastdpo.fused_logprobs(torch.randn(1, 2, device="cuda"), torch.zeros(1, dtype=torch.long, device="cuda"),
+                           backend="cuda")  # builds and loads the extension
+    x, y, g = _case((2, 3), 50, torch.float32)
+    r, _, gk = _case((2, 3), 50, torch.float32, seed=1)
+    args = (-100, 1.0, 0.0)
+    logp, lse, ref_logp, st, kl, ref_lse = ops.logprobs_fwd(x, y, r, *args, False, False)
+    assert kl.numel() == 0 and ref_lse.numel() == 0
+    with pytest.raises(RuntimeError, match="needs ref_logits"):
+        ops.logprobs_fwd(x, y, None, *args, False, True)
+    _, lse_k, ref_logp_k, _, kl, ref_lse = ops.logprobs_fwd(x, y, r, *args, False, True)
+    assert kl.shape == ref_lse.shape == y.shape
+    torch.testing.assert_close(lse_k, lse, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ref_logp_k, ref_logp, atol=1e-6, rtol=1e-6)
+    with pytest.raises(RuntimeError, match="needs ref_logits and ref_lse"):
+        ops.logprobs_bwd(g, x, y, lse, *args, gk, r, None)
+    # A zero KL gradient everywhere takes the plain path: the gradient without it.
+    plain = ops.logprobs_bwd(g, x, y, lse, *args)
+    with_zero_kl = ops.logprobs_bwd(g, x, y, lse, *args, torch.zeros_like(gk), r, ref_lse)
+    torch.testing.assert_close(with_zero_kl, plain, atol=1e-7, rtol=1e-6)
+    # In place: the reference may be the logits themselves (each element is read before it is
+    # written), but not a view that overlaps them elsewhere.
+    *_, ref_lse_x = ops.logprobs_fwd(x, y, x, *args, False, True)
+    want = ops.logprobs_bwd(g, x, y, lse, *args, gk, x.clone(), ref_lse_x)
+    x1 = x.clone()
+    ops.logprobs_bwd_(g, x1, y, lse, *args, gk, x1, ref_lse_x)
+    assert torch.equal(x1, want)
+    big = torch.randn(2, 4, 50, device="cuda")
+    with pytest.raises(RuntimeError, match="overlap"):
+        ops.logprobs_bwd_(g, big[:, :3], y, lse, *args, gk, big[:, 1:], ref_lse)

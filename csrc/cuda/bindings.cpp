@@ -29,10 +29,10 @@ void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "fastdpo: launching the ", what, " kernel failed: ", cudaGetErrorString(err));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& labels, const c10::optional<at::Tensor>& ref_logits,
-    int64_t ignore_index, double temperature, double softcap, bool stats) {
-  check_fwd(logits, labels, ref_logits, temperature, softcap);
+    int64_t ignore_index, double temperature, double softcap, bool stats, bool kl) {
+  check_fwd(logits, labels, ref_logits, temperature, softcap, kl);
   const auto dtype = to_dtype(logits);
   TORCH_CHECK(!ref_logits.has_value() || ref_logits->scalar_type() == logits.scalar_type(),
               "fastdpo: ref_logits must have the dtype of logits (", logits.scalar_type(), ")");
@@ -42,6 +42,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(
   at::Tensor logp = at::zeros({B, T}, opts), lse = at::zeros({B, T}, opts);
   at::Tensor ref = ref_logits.has_value() ? at::zeros({B, T}, opts) : at::empty({0}, opts);
   at::Tensor st = stats ? at::zeros({B, T, kNumStats}, opts) : at::empty({0}, opts);
+  at::Tensor kl_out = kl ? at::zeros({B, T}, opts) : at::empty({0}, opts);
+  at::Tensor ref_lse = kl ? at::zeros({B, T}, opts) : at::empty({0}, opts);
   const at::Tensor lab = labels.contiguous();
   cuda::FwdArgs a{};
   a.x = logits.const_data_ptr();
@@ -51,6 +53,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(
   a.lse = lse.mutable_data_ptr<float>();
   a.ref_logp = ref_logits.has_value() ? ref.mutable_data_ptr<float>() : nullptr;
   a.stats = stats ? st.mutable_data_ptr<float>() : nullptr;
+  a.kl = kl ? kl_out.mutable_data_ptr<float>() : nullptr;
+  a.ref_lse = kl ? ref_lse.mutable_data_ptr<float>() : nullptr;
   a.B = B;
   a.T = T;
   a.V = V;
@@ -60,16 +64,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(
   a.srt = ref_logits.has_value() ? ref_logits->stride(1) : 0;
   a.ignore_index = ignore_index;
   a.tf = make_transform(float(temperature), float(softcap));
-  check_cuda(cuda::launch_logprobs_fwd(a, dtype, stats, at::cuda::getCurrentCUDAStream()), "forward");
-  return {logp, lse, ref, st};
+  check_cuda(cuda::launch_logprobs_fwd(a, dtype, stats, kl, at::cuda::getCurrentCUDAStream()), "forward");
+  return {logp, lse, ref, st, kl_out, ref_lse};
 }
 
 void bwd_into(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
-              int64_t ignore_index, double temperature, double softcap, const at::Tensor& out) {
+              int64_t ignore_index, double temperature, double softcap, const c10::optional<at::Tensor>& grad_kl,
+              const c10::optional<at::Tensor>& ref_logits, const c10::optional<at::Tensor>& ref_lse,
+              const at::Tensor& out) {
   check_bwd(grad_logp, logits, labels, lse, temperature, softcap);
+  check_bwd_kl(logits, labels, grad_kl, ref_logits, ref_lse);
+  const bool kl = grad_kl.has_value();
+  // The kernel reads the reference row while it writes out (logits, in place): they may share
+  // memory only as the very same view, where each element is read before it is overwritten.
+  TORCH_CHECK(!kl || !ref_logits->is_alias_of(out) ||
+                  (ref_logits->const_data_ptr() == out.const_data_ptr() && ref_logits->strides() == out.strides()),
+              "fastdpo: ref_logits must not overlap the logits that an in-place backward overwrites");
   const auto dtype = to_dtype(logits);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor g = grad_logp.contiguous(), l = lse.contiguous(), lab = labels.contiguous();
+  const at::Tensor gk = kl ? grad_kl->contiguous() : at::Tensor();
+  const at::Tensor rl = kl ? ref_lse->contiguous() : at::Tensor();
   cuda::BwdArgs a{};
   a.grad = g.const_data_ptr<float>();
   a.x = logits.const_data_ptr();
@@ -85,19 +100,35 @@ void bwd_into(const at::Tensor& grad_logp, const at::Tensor& logits, const at::T
   a.sot = out.stride(1);
   a.ignore_index = ignore_index;
   a.tf = make_transform(float(temperature), float(softcap));
-  check_cuda(cuda::launch_logprobs_bwd(a, dtype, at::cuda::getCurrentCUDAStream()), "backward");
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  if (!kl) {
+    check_cuda(cuda::launch_logprobs_bwd(a, dtype, stream), "backward");
+    return;
+  }
+  cuda::BwdKLArgs k{};
+  k.base = a;
+  k.grad_kl = gk.const_data_ptr<float>();
+  k.r = ref_logits->const_data_ptr();
+  k.ref_lse = rl.const_data_ptr<float>();
+  k.srb = ref_logits->stride(0);
+  k.srt = ref_logits->stride(1);
+  check_cuda(cuda::launch_logprobs_bwd_kl(k, dtype, stream), "backward (with the KL term)");
 }
 
 at::Tensor logprobs_bwd_cuda(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
-                             const at::Tensor& lse, int64_t ignore_index, double temperature, double softcap) {
+                             const at::Tensor& lse, int64_t ignore_index, double temperature, double softcap,
+                             const c10::optional<at::Tensor>& grad_kl, const c10::optional<at::Tensor>& ref_logits,
+                             const c10::optional<at::Tensor>& ref_lse) {
   at::Tensor out = at::empty(logits.sizes(), logits.options());
-  bwd_into(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, out);
+  bwd_into(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, grad_kl, ref_logits, ref_lse, out);
   return out;
 }
 
 void logprobs_bwd_inplace_cuda(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
-                               const at::Tensor& lse, int64_t ignore_index, double temperature, double softcap) {
-  bwd_into(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, logits);
+                               const at::Tensor& lse, int64_t ignore_index, double temperature, double softcap,
+                               const c10::optional<at::Tensor>& grad_kl, const c10::optional<at::Tensor>& ref_logits,
+                               const c10::optional<at::Tensor>& ref_lse) {
+  bwd_into(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, grad_kl, ref_logits, ref_lse, logits);
 }
 
 }  // namespace
