@@ -63,6 +63,20 @@ def _worker(rank, world, init_file, out_dir):
     loss = fastdpo.dpo_loss(xs, y, ref_logits=_shard(r, rank), loss_type="ipo", process_group=group, backend="cpu")
     loss.loss.backward()
     res["dpo"] = (loss.loss.detach(), {k: v for k, v in loss.metrics.items()}, xs.grad)
+    # The token-level KL to the reference (RRPO), both upstream gradients, with a soft cap.
+    for name, dtype in (("kl-fp32", torch.float32), ("kl-bf16", torch.bfloat16)):
+        x, r, y, gy = _data(dtype)
+        xs = _shard(x, rank).requires_grad_(True)
+        out = fastdpo.vocab_parallel_logprobs(xs, y, process_group=group, ref_logits=_shard(r, rank), kl=True,
+                                              backend="cpu", softcap=4.0, temperature=0.8)
+        ((out.logps * gy).sum() + (out.kl * gy.flip(0)).sum()).backward()
+        res[name] = (out.logps.detach(), out.ref_logps, out.kl.detach(), xs.grad)
+    x, r, y, _ = _data(torch.float32)
+    xs = _shard(x, rank).requires_grad_(True)
+    loss = fastdpo.dpo_loss(xs, y, ref_logits=_shard(r, rank), loss_type="rrpo", rrpo_alpha=0.5,
+                            process_group=group, backend="cpu")
+    loss.loss.backward()
+    res["rrpo"] = (loss.loss.detach(), loss.metrics["kl/chosen"], xs.grad)
     h, w, _, gy = _linear_data()
     hl = h.clone().requires_grad_(True)
     ws = (w[:SPLIT] if rank == 0 else w[SPLIT:]).clone().requires_grad_(True)
@@ -120,6 +134,41 @@ def test_dpo_loss_matches_unsharded(sharded):
         for k, v in ref.metrics.items():
             torch.testing.assert_close(metrics[k], v, rtol=1e-4, atol=1e-5, msg=k)
     grad = torch.cat([sharded[0]["dpo"][2], sharded[1]["dpo"][2]], dim=-1)
+    torch.testing.assert_close(grad, xl.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name, dtype", [("kl-fp32", torch.float32), ("kl-bf16", torch.bfloat16)])
+def test_token_kl_matches_unsharded(sharded, name, dtype):
+    x, r, y, gy = _data(dtype)
+    kw = dict(softcap=4.0, temperature=0.8)
+    xl = x.clone().requires_grad_(True)
+    full = fastdpo.fused_logprobs(xl, y, ref_logits=r, kl=True, backend="cpu", **kw)
+    ((full.logps * gy).sum() + (full.kl * gy.flip(0)).sum()).backward()
+    x64 = x.double().requires_grad_(True)
+    truth = fastdpo.fused_logprobs(x64, y, ref_logits=r.double(), kl=True, backend="torch", **kw)
+    ((truth.logps * gy.double()).sum() + (truth.kl * gy.flip(0).double()).sum()).backward()
+    got_grad = torch.cat([sharded[0][name][3], sharded[1][name][3]], dim=-1)
+    assert got_grad.abs().sum() > 0
+    for rank in range(2):
+        logps, ref, kl, _ = sharded[rank][name]
+        for got, base, want in ((logps, full.logps, truth.logps), (ref, full.ref_logps, truth.ref_logps),
+                                (kl, full.kl, truth.kl), (got_grad, xl.grad, x64.grad)):
+            err = (got.double() - want).abs().max()
+            base_err = (base.double() - want).abs().max()
+            assert err <= 2 * base_err + 2e-5 * (1 + want.abs().max()), (name, rank, err, base_err)
+        assert (kl[y == -100] == 0).all()
+
+
+def test_rrpo_loss_matches_unsharded(sharded):
+    x, r, y, _ = _data(torch.float32)
+    xl = x.clone().requires_grad_(True)
+    ref = fastdpo.dpo_loss(xl, y, ref_logits=r, loss_type="rrpo", rrpo_alpha=0.5, backend="cpu")
+    ref.loss.backward()
+    for rank in range(2):
+        loss, kl_chosen, _ = sharded[rank]["rrpo"]
+        torch.testing.assert_close(loss, ref.loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(kl_chosen, ref.metrics["kl/chosen"], rtol=1e-5, atol=1e-6)
+    grad = torch.cat([sharded[0]["rrpo"][2], sharded[1]["rrpo"][2]], dim=-1)
     torch.testing.assert_close(grad, xl.grad, rtol=1e-5, atol=1e-7)
 
 

@@ -70,8 +70,8 @@ def project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sc
 
 def fold(kern, x: torch.Tensor, y: torch.Tensor, o: TileOptions, stats: bool):
     """Fused forward over one tile of logits ``x [r, V]``: (logp, lse, stats|None)."""
-    logp, lse, _, st = kern.logprobs_fwd(x.unsqueeze(0), y.unsqueeze(0), None, o.ignore_index, o.temperature,
-                                         o.softcap, stats)
+    logp, lse, _, st, _, _ = kern.logprobs_fwd(x.unsqueeze(0), y.unsqueeze(0), None, o.ignore_index, o.temperature,
+                                               o.softcap, stats)
     return logp[0], lse[0], (st[0] if stats else None)
 
 
@@ -88,11 +88,13 @@ class GradAccumulator:
         self.nt = weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
         self.wt = None  # weight.T made contiguous once, on first use
 
-    def add_tile(self, kern, x, g, y, lse, h_rows, idx, weight, o: TileOptions, extra=None):
-        """Turn the logits tile ``x`` into the gradient of ``sum g * logp`` (plus ``extra``, a gradient
-        w.r.t. the same logits from another per-token term) in place and accumulate the GEMMs."""
+    def add_tile(self, kern, x, g, y, lse, h_rows, idx, weight, o: TileOptions, extra=None, kl=None):
+        """Turn the logits tile ``x`` into the gradient of ``sum g * logp`` (plus ``sum gk * KL`` with
+        ``kl = (gk, ref_tile, ref_lse)``, plus ``extra``, a gradient w.r.t. the same logits from another
+        per-token term) in place and accumulate the GEMMs."""
+        kl_args = (kl[0].unsqueeze(0), kl[1].unsqueeze(0), kl[2].unsqueeze(0)) if kl is not None else ()
         kern.logprobs_bwd(g.unsqueeze(0), x.unsqueeze(0), y.unsqueeze(0), lse.unsqueeze(0), o.ignore_index,
-                          o.temperature, o.softcap, True)
+                          o.temperature, o.softcap, True, *kl_args)
         if extra is not None:
             x.add_(extra.to(x.dtype))
         if self.h is not None:
@@ -145,11 +147,37 @@ def fold_rows(kern, h, weight, bias, y, idx, o: TileOptions, stats: bool, out_lo
             out_stats.index_copy_(0, sel, st)
 
 
+def fold_rows_kl(kern, h, weight, bias, rh, rw, rb, y, idx, o: TileOptions, stats: bool, out_logp, out_lse,
+                 out_stats, out_ref, out_kl, out_ref_lse):
+    """Forward fold with the token-level KL: each tile's reference logits are projected beside the
+    policy's (two buffers of ``o.rows`` rows) and folded together by the fused kernel."""
+    n = idx.numel()
+    if n == 0:
+        return
+    buf = h.new_empty(2, min(o.rows, n), weight.shape[0])
+    for i, j in tiles(n, o.rows):
+        sel = idx[i:j]
+        r = project(rh.index_select(0, sel), rw, rb, o.scale, buf[1, : j - i])
+        x = project(h.index_select(0, sel), weight, bias, o.scale, buf[0, : j - i])
+        lp, lse, ref, st, kl, ref_lse = kern.logprobs_fwd(x.unsqueeze(0), y.index_select(0, sel).unsqueeze(0),
+                                                          r.unsqueeze(0), o.ignore_index, o.temperature, o.softcap,
+                                                          stats, True)
+        for out, val in ((out_logp, lp), (out_lse, lse), (out_ref, ref), (out_kl, kl), (out_ref_lse, ref_lse)):
+            out.index_copy_(0, sel, val[0])
+        if stats:
+            out_stats.index_copy_(0, sel, st[0])
+
+
 class _LinearLogprobsFunction(torch.autograd.Function):
-    """Recompute strategy: forward folds tiles (saving only lse), backward re-projects them."""
+    """Recompute strategy: forward folds tiles (saving only lse), backward re-projects them.
+
+    With ``kl`` (needs ``ref_hidden``) the fourth output is the token-level KL to the reference;
+    its tiles hold policy and reference logits side by side (``o.rows`` each) and backward
+    re-projects the reference tile too."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, idx, ref_hidden, ref_weight, ref_bias, stats, o: TileOptions):
+    def forward(ctx, hidden, weight, bias, labels, idx, ref_hidden, ref_weight, ref_bias, stats, o: TileOptions,
+                kl=False):
         kern = _backends.kernel_module(Backend(o.backend))
         M = hidden.shape[0]
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -157,23 +185,41 @@ class _LinearLogprobsFunction(torch.autograd.Function):
         lse = torch.zeros_like(logp)
         st = torch.zeros(M, NUM_STATS, dtype=acc, device=hidden.device) if stats else logp.new_empty(0)
         ref = torch.zeros_like(logp) if ref_hidden is not None else logp.new_empty(0)
-        if ref_hidden is not None:
-            fold_rows(kern, ref_hidden, ref_weight, ref_bias, labels, idx, o, False, ref)
-        fold_rows(kern, hidden, weight, bias, labels, idx, o, stats, logp, lse, st)
-        ctx.save_for_backward(hidden, weight, bias, labels, idx, lse)
+        kl_out = torch.zeros_like(logp) if kl else logp.new_empty(0)
+        ref_lse = torch.zeros_like(logp) if kl else logp.new_empty(0)
+        if kl:
+            fold_rows_kl(kern, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, idx, o, stats, logp,
+                         lse, st, ref, kl_out, ref_lse)
+        else:
+            if ref_hidden is not None:
+                fold_rows(kern, ref_hidden, ref_weight, ref_bias, labels, idx, o, False, ref)
+            fold_rows(kern, hidden, weight, bias, labels, idx, o, stats, logp, lse, st)
+        ctx.save_for_backward(hidden, weight, bias, labels, idx, lse,
+                              *((ref_hidden, ref_weight, ref_bias, ref_lse) if kl else ()))
         ctx.o = o
         ctx.mark_non_differentiable(ref, st)
-        return logp, ref, st
+        return logp, ref, st, kl_out
 
     @staticmethod
-    def backward(ctx, grad_logp, _g_ref, _g_st):
-        hidden, weight, bias, labels, idx, lse = ctx.saved_tensors
+    def backward(ctx, grad_logp, _g_ref, _g_st, grad_kl):
+        hidden, weight, bias, labels, idx, lse, *ref = ctx.saved_tensors
         o = ctx.o
         kern = _backends.kernel_module(Backend(o.backend))
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grads = GradAccumulator(hidden, weight, bias, need_h, need_w, need_b)
         n = idx.numel()
-        if n and o.backend == "cpu":  # the same loop in C++
+        if n and ref:  # the KL term needs the reference tile beside the policy's
+            rh, rw, rb, ref_lse = ref
+            buf = hidden.new_empty(2, min(o.rows, n), weight.shape[0])
+            g, gk = grad_logp.contiguous(), grad_kl.contiguous()
+            for i, j in tiles(n, o.rows):
+                sel = idx[i:j]
+                h_rows = hidden.index_select(0, sel)
+                r = project(rh.index_select(0, sel), rw, rb, o.scale, buf[1, : j - i])
+                x = project(h_rows, weight, bias, o.scale, buf[0, : j - i])
+                grads.add_tile(kern, x, g.index_select(0, sel), labels.index_select(0, sel), lse.index_select(0, sel),
+                               h_rows, sel, weight, o, kl=(gk.index_select(0, sel), r, ref_lse.index_select(0, sel)))
+        elif n and o.backend == "cpu":  # the same loop in C++
             torch.ops.fastdpo.linear_bwd_(grad_logp.contiguous(), hidden, weight, bias, labels, idx, lse,
                                           o.ignore_index, o.temperature, o.softcap, o.scale, o.rows, grads.h, grads.w,
                                           grads.b)
@@ -187,7 +233,7 @@ class _LinearLogprobsFunction(torch.autograd.Function):
                 grads.add_tile(kern, x, g.index_select(0, sel), labels.index_select(0, sel), lse.index_select(0, sel),
                                h_rows, sel, weight, o)
         gh, gw, gb = grads.result(weight, bias)
-        return gh, gw, gb, None, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None, None, None
 
 
 def _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias):
@@ -236,12 +282,15 @@ def _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias
 
 def prepare(hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=None, ref_bias=None,
             ignore_index=-100, temperature=1.0, softcap=None, logit_scale=1.0, memory_budget=None,
-            backend="auto"):
+            backend="auto", kl=False):
     """Validate the inputs of the fused-linear path and fix its options.
 
     Returns ``(h [M, H], y [M], rh, ref_weight, ref_bias, idx, opts)``: flattened tokens, the
-    indices of the tokens that count (one device sync) and the tile options.
+    indices of the tokens that count (one device sync) and the tile options. With ``kl`` a tile
+    holds policy and reference logits side by side, so it has half the rows.
     """
+    if kl and ref_hidden is None:
+        raise ValueError("fastdpo: the token-level KL to the reference (kl=True) needs ref_hidden")
     _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias)
     ignore_index = _validation.check_int(ignore_index, "ignore_index")
     temperature = _validation.check_positive(temperature, "temperature")
@@ -252,7 +301,7 @@ def prepare(hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=No
         memory_budget = default_memory_budget(hidden.device, hidden.dtype)
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0:
         raise ValueError(f"fastdpo: memory_budget must be a positive number of bytes, got {memory_budget!r}")
-    rows = max(1, memory_budget // (V * hidden.element_size()))
+    rows = max(1, memory_budget // ((2 if kl else 1) * V * hidden.element_size()))
     backend = _resolve(str(backend), hidden.device.type)
     y = labels.reshape(-1).long()
     _validation.check_label_range(y, V, ignore_index)
@@ -281,6 +330,7 @@ def linear_token_logprobs(
     softcap: float | None = None,
     logit_scale: float = 1.0,
     stats: bool = False,
+    kl: bool = False,
     memory_budget: int | None = None,
     backend: str | Backend = "auto",
 ) -> FusedLogprobs:
@@ -295,7 +345,10 @@ def linear_token_logprobs(
         ref_hidden: reference hidden states shaped like ``hidden`` (no gradient), projected by
             ``ref_weight``/``ref_bias`` (default: ``weight``/``bias``) in the same tile loop.
         stats: also return the per-token statistics of :func:`fastdpo.fused_logprobs`.
-        memory_budget: bytes of logits per tile (default :func:`default_memory_budget`).
+        kl: also return the per-token full-vocabulary KL of the reference to the policy (needs
+            ``ref_hidden``), differentiable like ``logps``; see :func:`fastdpo.fused_logprobs`.
+        memory_budget: bytes of logits per tile (default :func:`default_memory_budget`); with
+            ``kl`` it holds a policy and a reference tile.
 
     Returns:
         :class:`FusedLogprobs` shaped like ``labels``; ``logps`` is differentiable w.r.t.
@@ -304,11 +357,12 @@ def linear_token_logprobs(
     h, y, rh, rw, rb, idx, o = prepare(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden,
                                        ref_weight=ref_weight, ref_bias=ref_bias, ignore_index=ignore_index,
                                        temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-                                       memory_budget=memory_budget, backend=backend)
-    logp, ref, st = _LinearLogprobsFunction.apply(h, weight, bias, y, idx, rh, rw, rb, bool(stats), o)
+                                       memory_budget=memory_budget, backend=backend, kl=kl)
+    logp, ref, st, kl_out = _LinearLogprobsFunction.apply(h, weight, bias, y, idx, rh, rw, rb, bool(stats), o,
+                                                          bool(kl))
     shape = labels.shape
     return FusedLogprobs(logp.view(shape), ref.view(shape) if rh is not None else None,
-                         st.view(*shape, NUM_STATS) if stats else None)
+                         st.view(*shape, NUM_STATS) if stats else None, kl_out.view(shape) if kl else None)
 
 
 class GradInForward(NamedTuple):

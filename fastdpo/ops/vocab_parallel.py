@@ -45,74 +45,103 @@ def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
     return x
 
 
-def _fold(kern, x, labels, local, in_shard, valid, o, stats: bool, group):
-    """Global (logp, lse, stats|None) of the shard ``x`` [B, T, V_r]."""
+def _combine_lse(logp_l, lse_l, in_shard, valid, group):
+    """Global (logp, lse) of a row from each shard's local log-prob of the label and log-sum-exp."""
+    m = _all_reduce(lse_l.clone(), dist.ReduceOp.MAX, group)
+    lse = m + torch.log(_all_reduce(torch.exp(lse_l - m), dist.ReduceOp.SUM, group))  # sum_r e^{lse_r - m}
+    z_label = _all_reduce(torch.where(in_shard, logp_l + lse_l, 0.0), dist.ReduceOp.SUM, group)
+    return torch.where(valid, z_label - lse, 0.0), torch.where(valid, lse, 0.0)
+
+
+def _fold(kern, x, labels, local, in_shard, valid, o, stats: bool, group, ref=None, kl: bool = False):
+    """Global (logp, lse, stats|None) of the shard ``x`` [B, T, V_r]; with ``kl`` (and the reference
+    shard ``ref``) also the global (ref_logp, ref_lse, kl) from the same kernel call."""
     ii, temperature, softcap, vocab, _ = o
     klabels = torch.where(valid, torch.where(in_shard, local, 0), ii)
-    logp_l, lse_l, _, st_l = kern.logprobs_fwd(x, klabels, None, ii, temperature, softcap, stats)
-    m = _all_reduce(lse_l.clone(), dist.ReduceOp.MAX, group)
-    w = torch.exp(lse_l - m)  # e^{lse_r - m}
-    lse = m + torch.log(_all_reduce(w.clone(), dist.ReduceOp.SUM, group))
-    z_label = _all_reduce(torch.where(in_shard, logp_l + lse_l, 0.0), dist.ReduceOp.SUM, group)
-    logp = torch.where(valid, z_label - lse, 0.0)
-    lse = torch.where(valid, lse, 0.0)
-    if not stats:
-        return logp, lse, None
-    share = torch.exp(lse_l - lse)  # this shard's probability mass
-    ent = lse - _all_reduce(share * (lse_l - st_l[..., 0]), dist.ReduceOp.SUM, group)
-    lsp2 = torch.log(_all_reduce(share * share * torch.exp(st_l[..., 3]), dist.ReduceOp.SUM, group))
-    mean = _all_reduce(st_l[..., 2] * (x.shape[-1] / vocab), dist.ReduceOp.SUM, group)
-    # First argmax: the label's shard must hold the global maximum and be the first shard that does.
-    zmax_l = _capped(x.amax(-1).to(lse.dtype), softcap) / temperature
-    zmax = _all_reduce(zmax_l.clone(), dist.ReduceOp.MAX, group)
-    rank = float(dist.get_rank(group))
-    first = _all_reduce(torch.where(zmax_l == zmax, rank, float("inf")), dist.ReduceOp.MIN, group)
-    hit = _all_reduce(torch.where(in_shard & (first == rank), st_l[..., 1], 0.0), dist.ReduceOp.SUM, group)
-    st = torch.stack([ent, hit, mean, lsp2], dim=-1)
-    return logp, lse, torch.where(valid.unsqueeze(-1), st, 0.0)
+    logp_l, lse_l, rlogp_l, st_l, kl_l, rlse_l = kern.logprobs_fwd(x, klabels, ref if kl else None, ii, temperature,
+                                                                   softcap, stats, kl)
+    logp, lse = _combine_lse(logp_l, lse_l, in_shard, valid, group)
+    st = None
+    if stats:
+        share = torch.exp(lse_l - lse)  # this shard's probability mass
+        ent = lse - _all_reduce(share * (lse_l - st_l[..., 0]), dist.ReduceOp.SUM, group)
+        lsp2 = torch.log(_all_reduce(share * share * torch.exp(st_l[..., 3]), dist.ReduceOp.SUM, group))
+        mean = _all_reduce(st_l[..., 2] * (x.shape[-1] / vocab), dist.ReduceOp.SUM, group)
+        # First argmax: the label's shard must hold the global maximum and be the first shard that does.
+        zmax_l = _capped(x.amax(-1).to(lse.dtype), softcap) / temperature
+        zmax = _all_reduce(zmax_l.clone(), dist.ReduceOp.MAX, group)
+        rank = float(dist.get_rank(group))
+        first = _all_reduce(torch.where(zmax_l == zmax, rank, float("inf")), dist.ReduceOp.MIN, group)
+        hit = _all_reduce(torch.where(in_shard & (first == rank), st_l[..., 1], 0.0), dist.ReduceOp.SUM, group)
+        st = torch.where(valid.unsqueeze(-1), torch.stack([ent, hit, mean, lsp2], dim=-1), 0.0)
+    if not kl:
+        return logp, lse, st
+    ref_logp, ref_lse = _combine_lse(rlogp_l, rlse_l, in_shard, valid, group)
+    # KL = sum_r w_r (KL_r + (ref_lse_r - ref_lse) - (lse_r - lse)), w_r = e^{ref_lse_r - ref_lse} the shard's
+    # reference mass: each shard's local KL re-based to the global normalisers.
+    w = torch.exp(rlse_l - ref_lse)
+    part = torch.where(w > 0, w * (kl_l + (rlse_l - ref_lse) - (lse_l - lse)), 0.0)
+    kl_out = torch.where(valid, _all_reduce(part, dist.ReduceOp.SUM, group), 0.0)
+    return logp, lse, st, ref_logp, ref_lse, kl_out
 
 
 class _VocabParallelFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, ref_logits, vocab_start, o, stats, group):
+    def forward(ctx, logits, labels, ref_logits, vocab_start, o, stats, kl, group):
         kern = _backends.kernel_module(Backend(o[4]))
         V_r = logits.shape[-1]
         valid = labels != o[0]
         local = labels - vocab_start
         in_shard = valid & (local >= 0) & (local < V_r)
-        logp, lse, st = _fold(kern, logits, labels, local, in_shard, valid, o, stats, group)
-        ref = (_fold(kern, ref_logits, labels, local, in_shard, valid, o, False, group)[0]
-               if ref_logits is not None else logp.new_empty(0))
-        ctx.save_for_backward(logits, local, in_shard, valid, lse)
+        kl_out = ref_lse = logits.new_empty(0, dtype=_acc_dtype(logits.dtype))
+        if kl:
+            logp, lse, st, ref, ref_lse, kl_out = _fold(kern, logits, labels, local, in_shard, valid, o, stats, group,
+                                                        ref_logits, True)
+        else:
+            logp, lse, st = _fold(kern, logits, labels, local, in_shard, valid, o, stats, group)
+            ref = (_fold(kern, ref_logits, labels, local, in_shard, valid, o, False, group)[0]
+                   if ref_logits is not None else logp.new_empty(0))
+        ctx.save_for_backward(logits, local, in_shard, valid, lse, *((ref_logits, ref_lse) if kl else ()))
         ctx.o = o
         out_st = st if stats else logp.new_empty(0)
         ctx.mark_non_differentiable(ref, out_st)
-        return logp, ref, out_st
+        return logp, ref, out_st, kl_out
 
     @staticmethod
-    def backward(ctx, grad_logp, _g_ref, _g_st):
-        x, local, in_shard, valid, lse = ctx.saved_tensors
+    def backward(ctx, grad_logp, _g_ref, _g_st, grad_kl):
+        x, local, in_shard, valid, lse, *kl_saved = ctx.saved_tensors
         _, temperature, softcap, _, _ = ctx.o
         V_r = x.shape[-1]
         xs, g = x.reshape(-1, V_r), torch.where(valid, grad_logp, 0.0).reshape(-1)
         lse, local, in_shard = lse.reshape(-1), local.reshape(-1), in_shard.reshape(-1)
+        if kl_saved:
+            rs, ref_lse = kl_saved[0].reshape(-1, V_r), kl_saved[1].reshape(-1)
+            gk = torch.where(valid, grad_kl, 0.0).reshape(-1)
         out = torch.empty_like(xs)
         acc = _acc_dtype(x.dtype)
         step = max(1, _CHUNK_ELEMS // max(V_r, 1))
+
+        def transformed(t):
+            if softcap > 0:
+                th = torch.tanh(t / softcap)
+                return softcap * th / temperature, (1 - th * th) / temperature
+            return t / temperature, 1.0 / temperature
+
         for i in range(0, xs.shape[0], step):
             sl = slice(i, i + step)
-            xf = xs[sl].to(acc)
-            if softcap > 0:
-                th = torch.tanh(xf / softcap)
-                z, dzdx = softcap * th / temperature, (1 - th * th) / temperature
-            else:
-                z, dzdx = xf / temperature, 1.0 / temperature
+            z, dzdx = transformed(xs[sl].to(acc))
             gi = g[sl].to(acc).unsqueeze(-1)
-            grad = -gi * torch.exp(z - lse[sl].unsqueeze(-1))
+            p = torch.exp(z - lse[sl].unsqueeze(-1))
+            if kl_saved:  # + gk (p - q): the token-level KL's gradient on this shard
+                gki = gk[sl].to(acc).unsqueeze(-1)
+                q = torch.exp(transformed(rs[sl].to(acc))[0] - ref_lse[sl].unsqueeze(-1))
+                grad = -(gi - gki) * p - gki * q
+            else:
+                grad = -gi * p
             hot = in_shard[sl].unsqueeze(-1)
             grad.scatter_add_(-1, torch.where(hot, local[sl].unsqueeze(-1), 0), torch.where(hot, gi, 0.0))
             out[sl] = (grad * dzdx).to(x.dtype)
-        return out.view_as(x), None, None, None, None, None, None
+        return out.view_as(x), None, None, None, None, None, None, None
 
 
 def vocab_parallel_logprobs(
@@ -125,6 +154,7 @@ def vocab_parallel_logprobs(
     temperature: float = 1.0,
     softcap: float | None = None,
     stats: bool = False,
+    kl: bool = False,
     backend: str | Backend = "auto",
 ) -> FusedLogprobs:
     """Per-token log-probs when each rank of ``process_group`` holds a vocabulary shard of the logits.
@@ -135,6 +165,8 @@ def vocab_parallel_logprobs(
         process_group: a ``torch.distributed`` group (``dist.group.WORLD`` for all ranks).
         ref_logits: the reference model's logits, sharded the same way (no gradient).
         stats: also the per-token statistics of :func:`fastdpo.fused_logprobs`.
+        kl: also the per-token KL of the reference to the policy over the whole vocabulary (needs
+            ``ref_logits``), from each shard's local KL re-based to the global normalisers.
 
     Returns:
         :class:`FusedLogprobs` with the global values, identical on every rank; ``logps`` is
@@ -148,6 +180,8 @@ def vocab_parallel_logprobs(
     ignore_index, temperature, softcap = _validation.check_logprob_inputs(
         logits, labels, ref_logits, ignore_index, temperature, softcap
     )
+    if kl and ref_logits is None:
+        raise ValueError("fastdpo: kl=True (the per-token KL to the reference) needs ref_logits")
     vocab_start, vocab = shard_layout(logits.shape[-1], process_group)
     _validation.check_label_range(labels, vocab, ignore_index)
     backend = _resolve(str(backend), logits.device.type)
@@ -155,10 +189,11 @@ def vocab_parallel_logprobs(
     y = labels.reshape(x.shape[:2]).long().contiguous()
     r = _as_3d(ref_logits.detach()) if ref_logits is not None else None
     o = (ignore_index, temperature, softcap, vocab, backend)
-    logp, ref, st = _VocabParallelFunction.apply(x, y, r, vocab_start, o, bool(stats), process_group)
+    logp, ref, st, kl_out = _VocabParallelFunction.apply(x, y, r, vocab_start, o, bool(stats), bool(kl),
+                                                         process_group)
     shape = labels.shape
     return FusedLogprobs(logp.view(shape), ref.view(shape) if r is not None else None,
-                         st.view(*shape, NUM_STATS) if stats else None)
+                         st.view(*shape, NUM_STATS) if stats else None, kl_out.view(shape) if kl else None)
 
 
 class _CopyToGroup(torch.autograd.Function):
