@@ -288,9 +288,11 @@ def test_gradcheck_sequence_level(name):
     ntok = torch.randint(1, 5, (n,), generator=g).double()
     desirable = torch.arange(n) < n // 2
 
+    kl = torch.rand(n, generator=g, dtype=torch.float64) if spec.token_kl else None  # token-level KL sums
+
     def f(lp, ts):
         s = SequenceStats(lp, None if spec.reference == "unused" else ref, ts, ntok, k,
-                          desirable if spec.unpaired else None)
+                          desirable if spec.unpaired else None, kl=kl)
         s.scores = s.logratios
         return spec.fn(s, cfg)
 

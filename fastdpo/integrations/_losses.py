@@ -63,7 +63,7 @@ def loss_from_token_logprobs(logps: torch.Tensor, labels: torch.Tensor, *, ref_t
     tok = FusedLogprobs(logps, ref_tok, stats.float())
     opts = {**LOSS_DEFAULTS, **loss_options}
     variant = {k: v for k, v in opts.items() if k not in LOSS_DEFAULTS}
-    return _api._run(lambda: tok, labels, labels.shape[0], ref_tok is not None, ref_logps=ref_logps,
+    return _api._run(lambda kl: tok, labels, labels.shape[0], ref_tok is not None, ref_logps=ref_logps,
                      loss_type=opts["loss_type"], beta=opts["beta"], label_smoothing=opts["label_smoothing"],
                      loss_weights=opts["loss_weights"], f_divergence_type=opts["f_divergence_type"],
                      f_alpha_divergence_coef=opts["f_alpha_divergence_coef"], ld_alpha=opts["ld_alpha"],
@@ -86,6 +86,10 @@ def pair_losses(loss_type: str, chosen_logps, rejected_logps, ref_chosen_logps=N
     ref = None if ref_chosen_logps is None else torch.cat([ref_chosen_logps, ref_rejected_logps]).detach()
     if spec.reference == "required" and ref is None:
         raise ValueError(f"fastdpo: loss_type={loss_type!r} needs reference log-probs")
+    if spec.token_kl:
+        raise ValueError(f"fastdpo: loss_type={loss_type!r} needs the token-level KL to the reference over the "
+                         "vocabulary, which sequence log-probs do not carry; use fastdpo.dpo_loss with ref_logits "
+                         "(or linear_dpo_loss with ref_hidden)")
     if spec.reference == "unused":
         ref = None
     s = SequenceStats(logps, ref, logps, torch.ones_like(logps), 2)

@@ -49,6 +49,11 @@ class _Plan:
     unpaired: bool
     common: dict
 
+    @property
+    def token_kl(self) -> bool:
+        """Some objective reads the token-level KL: the kernels must compute it."""
+        return any(sp.token_kl for sp, _, _ in self.terms)
+
 
 def _check_number(x, name, *, lo=None, hi=None, lo_open=False, hi_open=False):
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
@@ -149,6 +154,13 @@ def _check_batch(plan: _Plan, n: int, desirable, ref_logps, have_ref_tokens, pai
                 f"got shape {tuple(ref_logps.shape)}"
             )
     has_ref = have_ref_tokens or ref_logps is not None
+    if plan.token_kl and not have_ref_tokens:
+        need = [sp.name for sp, _, _ in plan.terms if sp.token_kl]
+        raise ValueError(
+            f"fastdpo: loss_type {need} regularises with the token-level KL to the reference over the whole "
+            "vocabulary, which needs the reference model's logits: pass ref_logits (ref_hidden for the linear form)"
+            + ("; precomputed ref_logps are not enough" if ref_logps is not None else "")
+        )
     for sp, _, _ in plan.terms:
         if sp.reference == "required" and not has_ref:
             raise ValueError(
@@ -186,7 +198,8 @@ def _sequence_stats(tok: FusedLogprobs, labels, ignore_index, ref_logps, ld_alph
         ref = ref_logps.detach().to(logp.dtype)
     else:
         ref = None
-    return SequenceStats(seq(logp), ref, logp.sum(1), n_tokens, num_blocks, desirable), logp, mask
+    kl = tok.kl.reshape(logp.shape).sum(1) if tok.kl is not None else None  # 0 at ignored tokens
+    return SequenceStats(seq(logp), ref, logp.sum(1), n_tokens, num_blocks, desirable, kl=kl), logp, mask
 
 
 def _wpo_weights(logp, mask, stats, n_tokens, num_blocks):
@@ -206,6 +219,11 @@ def _loss_from_tokens(tok: FusedLogprobs, labels, *, ref_logps, plan: _Plan, ld_
         desirable = torch.arange(n, device=labels.device) < n // 2
     if ld_alpha is not None and K == 1:
         raise ValueError("fastdpo: ld_alpha needs paired responses ([chosen; rejected] layout), not desirable=")
+    if plan.token_kl and tok.kl is None:
+        raise ValueError(
+            f"fastdpo: loss_type {[sp.name for sp, _, _ in plan.terms if sp.token_kl]} needs the token-level KL to "
+            "the reference over the vocabulary, which per-token log-probs do not carry; use fastdpo.dpo_loss with "
+            "ref_logits (or linear_dpo_loss with ref_hidden)")
     s, logp, mask = _sequence_stats(tok, labels, ignore_index, ref_logps, ld_alpha, token_weights, K, desirable)
     s.scores = f_divergence_scores(s.logratios, plan.common["f_divergence_type"], plan.common["f_alpha_divergence_coef"])
     wpo = _wpo_weights(logp, mask, tok.stats, s.n_tokens, K) if use_weighting else None
@@ -304,7 +322,7 @@ def _run(tok_fn, labels, n, have_ref_tokens, *, ref_logps, loss_type, beta, labe
                  ld_alpha, use_weighting, discopop_tau, variant_options)
     _validation.check_int(ignore_index, "ignore_index")
     _check_batch(plan, n, desirable, ref_logps, have_ref_tokens, pair_weights, token_weights, labels)
-    tok = tok_fn()
+    tok = tok_fn(plan.token_kl)
     return _loss_from_tokens(tok, labels, ref_logps=ref_logps, plan=plan, ld_alpha=ld_alpha,
                              use_weighting=use_weighting, ignore_index=ignore_index, token_weights=token_weights,
                              pair_weights=pair_weights, desirable=desirable)
@@ -357,11 +375,11 @@ def dpo_loss(
         raise ValueError(f"fastdpo: logits must be [N, T, V] (N sequences), got shape {tuple(logits.shape)}")
     _validation.check_labels(labels, logits)
 
-    def tok_fn():
+    def tok_fn(kl: bool):
         if process_group is not None:
             return vocab_parallel_logprobs(logits, labels, process_group=process_group, ref_logits=ref_logits,
-                                           ignore_index=ignore_index, stats=True, backend=backend)
-        return fused_logprobs(logits, labels, ref_logits=ref_logits, ignore_index=ignore_index, stats=True,
+                                           ignore_index=ignore_index, stats=True, kl=kl, backend=backend)
+        return fused_logprobs(logits, labels, ref_logits=ref_logits, ignore_index=ignore_index, stats=True, kl=kl,
                               backend=backend)
 
     return _run(tok_fn, labels, logits.shape[0], ref_logits is not None, ref_logps=ref_logps, loss_type=loss_type,
@@ -442,12 +460,12 @@ def linear_dpo_loss(
     plan = _plan(loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
                  ld_alpha, use_weighting, discopop_tau, variant_options)
     _validation.check_int(ignore_index, "ignore_index")
+    n, T = labels.shape
+    _check_batch(plan, n, desirable, ref_logps, ref_hidden is not None, pair_weights, token_weights, labels)
     h, y, rh, rw, rb, idx, o = linear.prepare(
         hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
         ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-        memory_budget=memory_budget, backend=backend)
-    n, T = labels.shape
-    _check_batch(plan, n, desirable, ref_logps, ref_hidden is not None, pair_weights, token_weights, labels)
+        memory_budget=memory_budget, backend=backend, kl=plan.token_kl)
 
     def finish(tok: FusedLogprobs) -> DPOOutput:
         return _loss_from_tokens(tok, labels, ref_logps=ref_logps, plan=plan, ld_alpha=ld_alpha,
@@ -459,19 +477,22 @@ def linear_dpo_loss(
     if strategy != "recompute" and any(need):
         budget = o.rows * weight.shape[0] * hidden.element_size()
         not_separable = [sp.name for sp, _, _ in plan.terms if not sp.separable]
-        if not not_separable:
+        with_kl = [sp.name for sp, _, _ in plan.terms if sp.token_kl]
+        if not not_separable and not with_kl:
             counts = (labels != ignore_index).sum(1).tolist()
             chunks = linear.group_chunks(counts, _groups(plan, n, desirable), weight.shape[0], hidden.element_size(),
                                          budget)
         if chunks is None and strategy == "grad_in_forward":
             why = (f"loss_type {not_separable} is not separable over pairs" if not_separable else
-                   f"one pair's logits exceed memory_budget={budget} bytes")
+                   f"loss_type {with_kl} needs the token-level KL, whose gradient the recompute strategy forms"
+                   if with_kl else f"one pair's logits exceed memory_budget={budget} bytes")
             raise ValueError(f"fastdpo: strategy='grad_in_forward' cannot be used: {why}; use strategy='recompute' "
                              "or 'auto'")
     if chunks is None:
-        tok = linear._LinearLogprobsFunction.apply(h, weight, bias, y, idx, rh, rw, rb, True, o)
-        logp, ref, st = tok
-        return finish(FusedLogprobs(logp.view(n, T), ref.view(n, T) if rh is not None else None, st.view(n, T, -1)))
+        logp, ref, st, kl = linear._LinearLogprobsFunction.apply(h, weight, bias, y, idx, rh, rw, rb, True, o,
+                                                                 plan.token_kl)
+        return finish(FusedLogprobs(logp.view(n, T), ref.view(n, T) if rh is not None else None, st.view(n, T, -1),
+                                    kl.view(n, T) if plan.token_kl else None))
     res = linear.linear_grad_in_forward(h, weight, bias, y, rh, rw, rb, o, T, chunks, lambda tok: finish(tok).loss,
                                         *need)
     with torch.no_grad():

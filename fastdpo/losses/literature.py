@@ -149,3 +149,60 @@ def adpo(s, cfg):
     if q.shape != logp.shape:
         raise ValueError(f"fastdpo: adpo targets must have shape {tuple(logp.shape)} ([pairs, K]), got {tuple(q.shape)}")
     return -(q * logp).sum(-1)
+
+
+def _check_rrpo(cfg):
+    if not cfg.rrpo_alpha >= 0:
+        raise ValueError(f"fastdpo: rrpo_alpha (the token-level KL weight) must be >= 0, got {cfg.rrpo_alpha}")
+
+
+@register_loss("rrpo", reference="required", token_kl=True, validate=_check_rrpo, defaults={"rrpo_alpha": 0.01})
+def rrpo(s, cfg):
+    r"""RRPO, Refined Regularized Preference Optimization (Sarkar & Etemad 2025, arXiv:2504.12083):
+
+    .. math::
+        -\log\sigma\Big(\beta \sum_i (u^+_i - u^-_i)\Big)
+        + \alpha \sum_t D_{KL}\big(\pi_{ref}(\cdot|x, y^+_{<t}) \,\|\, \pi_\theta(\cdot|x, y^+_{<t})\big)
+
+    :math:`u^\pm_i` are the log-ratios :math:`\log\pi_\theta - \log\pi_{ref}` of the i-th refined
+    sub-sequence (the phrases where the preferred and non-preferred responses differ): pass a
+    0/1 phrase mask as ``token_weights`` so the sequence log-ratios sum only those tokens
+    (without it every response token counts). The KL runs over every response token of the
+    preferred response and the whole vocabulary, computed by the kernels in the same pass as the
+    log-probs (needs ``ref_logits`` / ``ref_hidden``). :math:`\alpha` = ``rrpo_alpha`` (0.01 as
+    in the paper's training scripts), :math:`\beta` = ``beta``. Logs ``kl/chosen`` and
+    ``kl/rejected`` (mean per-sequence KL sums).
+    """
+    s.metrics["kl/chosen"] = s.chosen_kl.detach().mean()
+    s.metrics["kl/rejected"] = s.rejected_kl.detach().mean()
+    return -F.logsigmoid(cfg.beta * (s.chosen_logratios - s.rejected_logratios)) + cfg.rrpo_alpha * s.chosen_kl
+
+
+def _check_tdpo(cfg):
+    if cfg.tdpo_variant not in ("tdpo1", "tdpo2"):
+        raise ValueError(f"fastdpo: tdpo_variant must be 'tdpo1' or 'tdpo2', got {cfg.tdpo_variant!r}")
+
+
+def _tdpo_rewards(s, cfg):
+    return cfg.beta * (s.chosen_logratios + s.chosen_kl), cfg.beta * (s.rejected_logratios + s.rejected_kl)
+
+
+@register_loss("tdpo", reference="required", token_kl=True, validate=_check_tdpo, rewards=_tdpo_rewards,
+               defaults={"tdpo_alpha": 0.5, "tdpo_variant": "tdpo2"})
+def tdpo(s, cfg):
+    r"""TDPO, Token-level Direct Preference Optimization (Zeng et al. 2024, arXiv:2404.11999), with the
+    sequential KL :math:`D_w, D_l = \sum_t D_{KL}(\pi_{ref}(\cdot|x, y_{<t}) \| \pi_\theta(\cdot|x, y_{<t}))`
+    of the chosen / rejected response from the kernels' pass and :math:`u = \log\pi_\theta - \log\pi_{ref}`:
+
+    * ``tdpo1``: :math:`-\log\sigma(\beta(u_w - u_l) - \beta(D_l - D_w))`
+    * ``tdpo2`` (default): :math:`-\log\sigma(\beta(u_w - u_l) - \alpha\beta(D_l - \mathrm{sg}(D_w)))`,
+      :math:`\alpha` = ``tdpo_alpha`` (0.5 as in the paper's configuration), sg = stop-gradient.
+
+    Rewards as logged by the paper's code: :math:`\beta(u + D)`. Logs ``kl/chosen`` and ``kl/rejected``.
+    """
+    s.metrics["kl/chosen"] = s.chosen_kl.detach().mean()
+    s.metrics["kl/rejected"] = s.rejected_kl.detach().mean()
+    margin = s.chosen_logratios - s.rejected_logratios
+    if cfg.tdpo_variant == "tdpo1":
+        return -F.logsigmoid(cfg.beta * (margin - (s.rejected_kl - s.chosen_kl)))
+    return -F.logsigmoid(cfg.beta * (margin - cfg.tdpo_alpha * (s.rejected_kl - s.chosen_kl.detach())))

@@ -35,8 +35,11 @@ class SequenceStats:
     sums the losses use; ``sum_logps`` is the plain sum of policy token log-probs
     (for NLL terms, as cross-entropy over response tokens); ``n_tokens`` counts
     the response tokens. ``ref_logps`` is None when reference-free. ``desirable``
-    (unpaired objectives) marks desirable sequences. Objectives may add entries to
-    ``metrics``.
+    (unpaired objectives) marks desirable sequences. ``kl`` (objectives registered
+    with ``token_kl=True``) is each sequence's sum over its response tokens of the
+    full-vocabulary ``KL(pi_ref(.|x, y_<t) || pi(.|x, y_<t))``, from the same kernel
+    pass (not weighted by ``token_weights`` / ``ld_alpha``). Objectives may add
+    entries to ``metrics``.
     """
 
     logps: torch.Tensor
@@ -47,6 +50,7 @@ class SequenceStats:
     desirable: torch.Tensor | None = None
     scores: torch.Tensor | None = None  # f-divergence transform of logratios (set by the caller)
     metrics: dict = dataclasses.field(default_factory=dict)
+    kl: torch.Tensor | None = None
 
     def block(self, x: torch.Tensor | None, i: int) -> torch.Tensor | None:
         return None if x is None else x.chunk(self.num_blocks, dim=0)[i]
@@ -73,6 +77,8 @@ class SequenceStats:
     rejected_logratios = property(lambda s: s.block(s.logratios, 1))
     chosen_tokens = property(lambda s: s.block(s.n_tokens, 0))
     rejected_tokens = property(lambda s: s.block(s.n_tokens, 1))
+    chosen_kl = property(lambda s: s.block(s.kl, 0))
+    rejected_kl = property(lambda s: s.block(s.kl, 1))
     chosen_scores = property(lambda s: s.block(s.scores, 0))
     rejected_scores = property(lambda s: s.block(s.scores, 1))
 
@@ -109,6 +115,9 @@ class LossSpec:
     (true for per-pair losses and for batch means with value-independent normalisers; false
     when the batch is sorted or a batch statistic of the values enters, as in AOT and BCO).
     The fused-linear gradient-in-forward strategy needs it.
+    ``token_kl``: the objective reads ``SequenceStats.kl``, the token-level KL to the
+    reference that the kernels compute in the same pass; it needs reference logits
+    (``ref_logits`` / ``ref_hidden``), not just precomputed ``ref_logps``.
     """
 
     name: str
@@ -122,6 +131,7 @@ class LossSpec:
     rewards: Callable | None = None
     validate: Callable[[LossConfig], None] | None = None
     separable: bool = True
+    token_kl: bool = False
 
     def blocks(self, cfg: LossConfig) -> int:
         return self.num_blocks(cfg) if callable(self.num_blocks) else self.num_blocks
@@ -142,6 +152,7 @@ def register_loss(
     rewards: Callable | None = None,
     validate: Callable[[LossConfig], None] | None = None,
     separable: bool | None = None,
+    token_kl: bool = False,
     overwrite: bool = False,
 ):
     """Decorator registering ``fn(s: SequenceStats, cfg: LossConfig) -> Tensor`` under ``name``.
@@ -158,7 +169,7 @@ def register_loss(
             raise ValueError(f"fastdpo: a loss named {name!r} is already registered (pass overwrite=True)")
         _REGISTRY[name] = LossSpec(
             name, fn, reference, f_divergence, weighting, num_blocks, unpaired, dict(defaults or {}), rewards, validate,
-            fn.__module__.startswith("fastdpo.") if separable is None else bool(separable),
+            fn.__module__.startswith("fastdpo.") if separable is None else bool(separable), bool(token_kl),
         )
         return fn
 
