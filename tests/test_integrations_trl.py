@@ -78,8 +78,12 @@ def test_fastdpo_trainer_matches_dpo_trainer(name, setup, tmp_path):
             assert k in a, (step, k)
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (name, step, k, a[k], b[k])
     moved = False
+    # Both trainers' gradients agree to fp32 rounding (~1e-7 relative: see grad_norm), but AdamW divides
+    # each update by the gradient's running RMS, so elements whose gradient is near zero turn such
+    # rounding into visible update differences; the bound is a small fraction of one step (lr).
+    lr = _args(tmp_path, "lr").learning_rate
     for n, p in ref_params.items():
-        torch.testing.assert_close(params[n], p, rtol=1e-4, atol=1e-5, msg=n)
+        torch.testing.assert_close(params[n], p, rtol=1e-4, atol=1e-3 * lr, msg=n)
         moved |= not torch.equal(p, setup[2].get_parameter(n))
     assert moved, "training did not change the parameters"
 
