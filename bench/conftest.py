@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fastdpo.bench.providers import LINEAR_PROVIDERS, LOGPROB_PROVIDERS
+from fastdpo.bench.providers import KL_PROVIDERS, LINEAR_PROVIDERS, LOGPROB_PROVIDERS
 
 
 def pytest_generate_tests(metafunc):
@@ -9,6 +9,8 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("logprob_provider", LOGPROB_PROVIDERS, ids=lambda p: p.name)
     if "linear_provider" in metafunc.fixturenames:
         metafunc.parametrize("linear_provider", LINEAR_PROVIDERS, ids=lambda p: p.name)
+    if "kl_provider" in metafunc.fixturenames:
+        metafunc.parametrize("kl_provider", KL_PROVIDERS, ids=lambda p: p.name)
 
 
 def run_benchmark(benchmark, step, device, extra):

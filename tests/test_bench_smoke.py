@@ -11,9 +11,10 @@ import torch
 
 def test_bench_cli_tiny(tmp_path):
     p = subprocess.run(
-        [sys.executable, "-m", "fastdpo.bench", "--shapes", "16x300", "--linear-shapes", "512x16x300", "--reps", "2",
-         "--warmup", "1", "--providers",
-         "fastdpo-cpu,fastdpo-cpu-inplace,fastdpo-triton,naive,floor,fastdpo-linear-cpu,naive-linear,floor-gemm",
+        [sys.executable, "-m", "fastdpo.bench", "--shapes", "16x300", "--linear-shapes", "512x16x300", "--kl-shapes",
+         "16x300", "--reps", "2", "--warmup", "1", "--providers",
+         "fastdpo-cpu,fastdpo-cpu-inplace,fastdpo-triton,naive,floor,fastdpo-linear-cpu,naive-linear,floor-gemm,"
+         "fastdpo-cpu-kl,naive-kl,floor-kl",
          "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600,
     )
@@ -35,6 +36,11 @@ def test_bench_cli_tiny(tmp_path):
     lin = json.loads((folder / "linear.json").read_text())
     assert {r["provider"] for r in lin["results"]} == {"fastdpo-linear-cpu", "naive-linear", "floor-gemm"}
     assert all("error" not in r for r in lin["results"])
+    assert "== kl fwd+bwd fp32 N=16 V=300" in out and "fastest fastdpo (fastdpo-cpu-kl)" in out
+    kl = json.loads((folder / "kl.json").read_text())
+    assert {r["provider"] for r in kl["results"]} == {"fastdpo-cpu-kl", "naive-kl", "floor-kl"}
+    assert all("error" not in r and r["median_ms"] > 0 for r in kl["results"])
+    assert (folder / "kl.png").stat().st_size > 10_000
 
 
 def fastdpo_triton_unavailable() -> bool:

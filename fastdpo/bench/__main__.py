@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fastdpo.bench.providers import DTYPES, LINEAR_PROVIDERS, LOGPROB_PROVIDERS, Case
+from fastdpo.bench.providers import DTYPES, KL_PROVIDERS, LINEAR_PROVIDERS, LOGPROB_PROVIDERS, Case
 
 CPU_QUICK = [(2048, 32000)]
 # Large vocabularies, scaled down on CPU to about the same number of logits
@@ -36,6 +36,9 @@ CPU_LINEAR = [(512, 256, 32000)]
 CPU_LINEAR_FULL = [(512, 256, 32000), (2048, 512, 32000)]
 GPU_LINEAR = [(8192, 4096, 128256)]
 GPU_LINEAR_FULL = [(8192, 4096, 128256), (8192, 4096, 152064), (8192, 3584, 262144)]
+# Token-level KL (policy and reference logits: twice the logits of a token_logprobs case).
+CPU_KL = [(1024, 32000)]
+GPU_KL = [(8192, 128256)]
 
 # Peak HBM bandwidth (TB/s) by device name, for the "% of peak" column.
 HBM_PEAK_TBS = {"h200": 4.8, "h100 nvl": 3.9, "h100 pcie": 2.0, "h100": 3.35, "a100-sxm4-80gb": 2.04,
@@ -93,6 +96,8 @@ def _throughput(case: Case, ms: float) -> str:
         gemms = {"fwd": 2, "bwd": 2, "fwd+bwd": 4}[case.mode]
         return f"{gemms * 2 * case.N * case.H * case.V / (ms * 1e-3) / 1e12:8.1f} TFLOP/s"
     passes = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[case.mode]
+    if case.kl:  # policy and reference read in the forward, both again in backward
+        passes = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}[case.mode]
     gbs = passes * case.N * case.V * torch.finfo(DTYPES[case.dtype]).bits / 8 / (ms * 1e-3) / 1e9
     peak = _hbm_peak(case.device)
     return f"{gbs:8.0f} GB/s" + (f" {100 * gbs / (peak * 1e3):4.0f}% of peak" if peak else "")
@@ -105,8 +110,8 @@ def _fmt_table(results: list[dict], cases: list[Case]) -> str:
         rows = [r for r in results if r["case"] == dataclasses.asdict(case)]
         lines += ["", f"== {case.label()} ({case.device})", hdr]
         by = {r["provider"]: r for r in rows}
-        naive = (by.get("naive") or by.get("naive-linear") or {}).get("median_ms")
-        floor = (by.get("floor") or by.get("floor-gemm") or {}).get("median_ms")
+        naive = (by.get("naive") or by.get("naive-linear") or by.get("naive-kl") or {}).get("median_ms")
+        floor = (by.get("floor") or by.get("floor-gemm") or by.get("floor-kl") or {}).get("median_ms")
         for r in rows:
             if "error" in r:
                 lines.append(f"{r['provider']:<22}  error: {r['error'][:90]}")
@@ -218,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                     "else --dtypes)")
     ap.add_argument("--shapes", default=None, help="token_logprobs shapes NxV, e.g. '2048x32000,512x128256'")
     ap.add_argument("--linear-shapes", default=None, help="fused-linear shapes NxHxV ('' to skip), e.g. '2048x512x32000'")
+    ap.add_argument("--kl-shapes", default=None, help="token-level KL shapes NxV ('' to skip), e.g. '1024x32000'")
     ap.add_argument("--providers", default=None, help="comma-separated subset of providers")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
@@ -239,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = [Case(N, V, dt, m, args.device) for (N, V) in shapes for dt in dtypes for m in modes]
     ldtypes = (args.linear_dtypes or ("fp32" if not gpu and not args.full else args.dtypes)).split(",")
     lcases = [Case(N, V, dt, m, args.device, H=H) for (N, H, V) in lshapes for dt in ldtypes for m in modes]
+    kshapes = parse(args.kl_shapes) if args.kl_shapes is not None else (GPU_KL if gpu else CPU_KL)
+    kcases = [Case(N, V, dt, m, args.device, kl=True) for (N, V) in kshapes for dt in dtypes for m in modes]
 
     dev_name = device_name(args.device)
     print(f"fastdpo.bench on {dev_name} (torch {torch.__version__}, {torch.get_num_threads()} threads)")
@@ -251,10 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     ok = _run_suite("logprobs", "token_logprobs (logits in)", LOGPROB_PROVIDERS, cases, args, dev_name, out, argv)
     ok &= _run_suite("linear", "DPO from hidden states + LM head (policy fwd+bwd, reference fwd)", LINEAR_PROVIDERS,
                      lcases, args, dev_name, out, argv)
+    ok &= _run_suite("kl", "log-probs + token KL (RRPO, TDPO)", KL_PROVIDERS, kcases,
+                     args, dev_name, out, argv)
     print("\nvs naive: speed-up over plain torch with autograd (log_softmax().gather(); for fused linear the full "
           "logits); vs floor: time / the unavoidable work (logits path: reading the logits and writing their "
           "gradient; fused linear: the 4 GEMMs over every token, as the naive version does them; "
-          "floor-gemm-response: the same over the non-ignored tokens only, which fastdpo restricts itself to); "
+          "floor-gemm-response: the same over the non-ignored tokens only, which fastdpo restricts itself to; "
+          "token-level KL: reading policy and reference logits twice and writing the gradient); "
           "extra MB: peak memory beyond the inputs.")
     return 0 if ok else 1
 

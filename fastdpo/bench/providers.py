@@ -28,6 +28,7 @@ class Case:
     seed: int = 0
     H: int = 0  # hidden size: > 0 for the fused-linear (hidden states + LM head) benchmark
     T: int = 256  # sequence length of the fused-linear batch (N = 2 * pairs * T)
+    kl: bool = False  # log-probs plus the token-level KL to reference logits (RRPO / TDPO)
 
     @property
     def linear(self) -> bool:
@@ -36,7 +37,7 @@ class Case:
     def label(self) -> str:
         if self.linear:
             return f"linear {self.mode} {self.dtype} N={self.N} H={self.H} V={self.V}"
-        return f"{self.mode} {self.dtype} N={self.N} V={self.V}"
+        return f"{'kl ' if self.kl else ''}{self.mode} {self.dtype} N={self.N} V={self.V}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +159,91 @@ def _floor(case: Case) -> Callable[[], None]:
         out.copy_(x)
 
     return step
+
+
+# ----------------------------------------------------------------------------- token-level KL
+# Per-token log-probs and KL(reference || policy) over the vocabulary from policy and reference
+# logits (what RRPO and TDPO need); the step's loss is sum(w * logp) + sum(wk * kl).
+
+
+def _kl_step(fn: Callable, case: Case) -> Callable[[], None]:
+    """Wrap ``fn(x, r, y) -> (logps, kl)`` as a step of the requested mode."""
+    x, y = _inputs(case)
+    r, _ = _inputs(dataclasses.replace(case, seed=case.seed + 1))
+    w, wk = torch.randn(case.N, device=case.device), torch.randn(case.N, device=case.device)
+    if case.mode == "fwd":
+        def step():
+            with torch.no_grad():
+                fn(x, r, y)
+        return step
+    xr = x.clone().requires_grad_()
+
+    def loss():
+        xr.grad = None
+        lp, kl = fn(xr, r, y)
+        return (lp.float() * w).sum() + (kl.float() * wk).sum()
+
+    if case.mode == "fwd+bwd":
+        return lambda: loss().backward()
+
+    def prepare():
+        timed.pending = loss()
+
+    def timed():
+        timed.pending.backward()
+
+    timed.prepare = prepare
+    return timed
+
+
+def _fastdpo_kl(backend: str, device: str):
+    import fastdpo
+    from fastdpo import _backends
+
+    _backends.resolve(backend, torch.device(device))
+
+    def fn(x, r, y):
+        out = fastdpo.fused_logprobs(x, y, ref_logits=r, kl=True, backend=backend)
+        return out.logps, out.kl
+
+    return fn
+
+
+def _naive_kl(x, r, y):
+    """As the RRPO / TDPO reference code computes it: full log-softmaxes of both, the KL sum."""
+    logp = torch.log_softmax(x.float(), dim=-1)
+    logq = torch.log_softmax(r.float(), dim=-1)
+    kl = (logq.exp() * (logq - logp)).sum(-1)
+    return logp.gather(-1, y.unsqueeze(-1)).squeeze(-1), kl
+
+
+def _kl_floor(case: Case) -> Callable[[], None]:
+    """What no logits-input method avoids: read both logits (forward), read both again and write
+    the gradient (backward)."""
+    x, _ = _inputs(case)
+    r = x.clone()
+    out = torch.empty_like(x)
+    if case.mode == "fwd":
+        return lambda: (x.sum(), r.sum())
+    if case.mode == "bwd":
+        return lambda: torch.add(x, r, out=out)
+
+    def step():
+        x.sum()
+        r.sum()
+        torch.add(x, r, out=out)
+
+    return step
+
+
+KL_PROVIDERS: list[Provider] = [
+    Provider(f"fastdpo-{b}-kl", "fastdpo", (lambda b: lambda c: _kl_step(_fastdpo_kl(b, c.device), c))(b),
+             _fastdpo_unavailable(b))
+    for b in ("cpu", "triton", "cuda", "torch")
+] + [
+    Provider("naive-kl", "anchor", lambda c: _kl_step(_naive_kl, c)),
+    Provider("floor-kl", "floor", _kl_floor),
+]
 
 
 LOGPROB_PROVIDERS: list[Provider] = [
@@ -329,4 +415,4 @@ LINEAR_PROVIDERS: list[Provider] = [
     Provider("floor-gemm-response", "floor", lambda c: _gemm_floor(c, response_only=True)),
 ]
 
-PROVIDERS = {p.name: p for p in LOGPROB_PROVIDERS + LINEAR_PROVIDERS}
+PROVIDERS = {p.name: p for p in LOGPROB_PROVIDERS + LINEAR_PROVIDERS + KL_PROVIDERS}
