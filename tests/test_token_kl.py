@@ -474,3 +474,12 @@ def test_rrpo_and_tdpo_on_gpu_backends_match_torch(backend):
     want = _rrpo_both_forms("torch", device)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_linear_rrpo_without_reference_hidden_names_the_option():
+    hidden, weight = torch.randn(2, 3, 4), torch.randn(9, 4)
+    labels = torch.randint(0, 9, (2, 3))
+    with pytest.raises(ValueError, match="ref_hidden for the linear form"):
+        L.linear_dpo_loss(hidden, weight, labels, loss_type="rrpo")
+    with pytest.raises(ValueError, match="labels must have shape"):
+        L.linear_dpo_loss(hidden, weight, labels[0], loss_type="rrpo")

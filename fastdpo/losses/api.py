@@ -460,12 +460,12 @@ def linear_dpo_loss(
     plan = _plan(loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
                  ld_alpha, use_weighting, discopop_tau, variant_options)
     _validation.check_int(ignore_index, "ignore_index")
-    n, T = labels.shape
-    _check_batch(plan, n, desirable, ref_logps, ref_hidden is not None, pair_weights, token_weights, labels)
     h, y, rh, rw, rb, idx, o = linear.prepare(
         hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
         ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-        memory_budget=memory_budget, backend=backend, kl=plan.token_kl)
+        memory_budget=memory_budget, backend=backend, kl=plan.token_kl and ref_hidden is not None)
+    n, T = labels.shape
+    _check_batch(plan, n, desirable, ref_logps, ref_hidden is not None, pair_weights, token_weights, labels)
 
     def finish(tok: FusedLogprobs) -> DPOOutput:
         return _loss_from_tokens(tok, labels, ref_logps=ref_logps, plan=plan, ld_alpha=ld_alpha,
