@@ -353,9 +353,12 @@ def test_rrpo_combines_with_other_losses_and_pair_weights():
     torch.testing.assert_close(both.loss, a.loss + 0.3 * b.loss)
 
 
-def test_rrpo_gradcheck_sequence_level():
-    spec = L.get_loss("rrpo")
-    cfg = LossConfig(beta=0.7, rrpo_alpha=0.3)
+@pytest.mark.parametrize("name, options", [("rrpo", {"rrpo_alpha": 0.3}),
+                                           ("tdpo", {"tdpo_alpha": 0.4, "tdpo_variant": "tdpo1"})])
+def test_gradcheck_sequence_level_with_the_kl_input(name, options):
+    # (tdpo2 stops the chosen KL's gradient by design, which a finite difference would not see.)
+    spec = L.get_loss(name)
+    cfg = LossConfig(beta=0.7, **options)
     g = torch.Generator().manual_seed(0)
     logps = -(torch.rand(6, generator=g, dtype=torch.float64) * 3 + 0.5)
     ref = -(torch.rand(6, generator=g, dtype=torch.float64) * 3 + 0.5)
