@@ -60,39 +60,44 @@ def _inputs(case: Case):
     return x, y
 
 
+def _mode_step(mode: str, forward: Callable[[], None], loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """The step of ``mode``: ``forward()`` without grad (fwd), ``loss().backward()`` (fwd+bwd), or
+    the backward of a ``loss()`` built untimed by ``step.prepare`` (bwd)."""
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                forward()
+        return step
+    if mode == "fwd+bwd":
+        return lambda: loss().backward()
+
+    def prepare():
+        timed.pending = loss()
+
+    def timed():
+        timed.pending.backward()
+
+    timed.prepare = prepare
+    return timed
+
+
 def _logprob_step(fn: Callable, case: Case) -> Callable[[], None]:
     """Wrap ``fn(x, y) -> logps`` as a step of the requested mode."""
     x, y = _inputs(case)
-    if case.mode == "fwd":
-        def step():
-            with torch.no_grad():
-                fn(x, y)
-        return step
-    xr = x.clone().requires_grad_()
+    xr = x.clone().requires_grad_() if case.mode != "fwd" else None
     w = torch.randn(case.N, device=case.device)
     # In-place backward needs logits produced by an op (as an LM head's output);
     # a view of the input stands in, so the gradient overwrites the input itself.
     nonleaf = getattr(fn, "needs_nonleaf", False)
-    if case.mode == "fwd+bwd":
-        def step():
-            xr.grad = None
-            logits = xr.view_as(xr) if nonleaf else xr
-            (fn(logits, y).float() * w).sum().backward()
-        return step
 
-    # bwd only: the forward is redone outside the timed region each time
-    def step_bwd():
+    def loss():
         xr.grad = None
-        logits = xr.view_as(xr) if nonleaf else xr
-        out = (fn(logits, y).float() * w).sum()
-        step_bwd.pending = out
+        return (fn(xr.view_as(xr) if nonleaf else xr, y).float() * w).sum()
 
-    def timed():
-        step_bwd.pending.backward()
-
-    step_bwd()
-    timed.prepare = step_bwd
-    return timed
+    step = _mode_step(case.mode, lambda: fn(x, y), loss)
+    if case.mode == "bwd":
+        step.prepare()  # a graph exists before the first timed call
+    return step
 
 
 def _fastdpo(backend: str, device: str, inplace: bool = False):
@@ -171,29 +176,14 @@ def _kl_step(fn: Callable, case: Case) -> Callable[[], None]:
     x, y = _inputs(case)
     r, _ = _inputs(dataclasses.replace(case, seed=case.seed + 1))
     w, wk = torch.randn(case.N, device=case.device), torch.randn(case.N, device=case.device)
-    if case.mode == "fwd":
-        def step():
-            with torch.no_grad():
-                fn(x, r, y)
-        return step
-    xr = x.clone().requires_grad_()
+    xr = x.clone().requires_grad_() if case.mode != "fwd" else None
 
     def loss():
         xr.grad = None
         lp, kl = fn(xr, r, y)
         return (lp.float() * w).sum() + (kl.float() * wk).sum()
 
-    if case.mode == "fwd+bwd":
-        return lambda: loss().backward()
-
-    def prepare():
-        timed.pending = loss()
-
-    def timed():
-        timed.pending.backward()
-
-    timed.prepare = prepare
-    return timed
+    return _mode_step(case.mode, lambda: fn(x, r, y), loss)
 
 
 def _fastdpo_kl(backend: str, device: str):
@@ -293,28 +283,12 @@ def _sigmoid_dpo(logps: torch.Tensor, ref: torch.Tensor, beta: float = 0.1) -> t
 def _linear_step(loss_fn: Callable, case: Case) -> Callable[[], None]:
     """``loss_fn(h, rh, w, y) -> loss``; fwd runs it without grad, fwd+bwd with backward."""
     h, rh, w, y = _linear_inputs(case)
-    if case.mode == "fwd":
-        def step():
-            with torch.no_grad():
-                loss_fn(h, rh, w, y)
-        return step
 
-    def step():
+    def loss():
         h.grad = w.grad = None
-        loss_fn(h, rh, w, y).backward()
+        return loss_fn(h, rh, w, y)
 
-    if case.mode == "fwd+bwd":
-        return step
-
-    def prepare():
-        h.grad = w.grad = None
-        timed.pending = loss_fn(h, rh, w, y)
-
-    def timed():
-        timed.pending.backward()
-
-    timed.prepare = prepare
-    return timed
+    return _mode_step(case.mode, lambda: loss_fn(h, rh, w, y), loss)
 
 
 def _fastdpo_linear(backend: str, device: str):
