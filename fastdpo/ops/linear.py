@@ -126,46 +126,40 @@ def tiles(n: int, rows: int):
         yield i, min(n, i + rows)
 
 
-def fold_rows(kern, h, weight, bias, y, idx, o: TileOptions, stats: bool, out_logp, out_lse=None, out_stats=None):
-    """Forward fold of the valid rows ``idx`` of ``h`` into the full-length outputs (no gradient)."""
+def fold_rows(kern, h, weight, bias, y, idx, o: TileOptions, stats: bool, out_logp, out_lse=None, out_stats=None,
+              kl=None):
+    """Forward fold of the valid rows ``idx`` of ``h`` into the full-length outputs (no gradient).
+
+    With ``kl = (rh, rw, rb, out_ref, out_kl, out_ref_lse)`` each tile's reference logits are projected
+    beside the policy's (two buffers of ``o.rows`` rows) and folded with the token-level KL in the
+    same kernel call."""
     n = idx.numel()
     if n == 0:
         return
-    if o.backend == "cpu":  # the same loop in C++
+    if o.backend == "cpu" and kl is None:  # the same loop in C++
         torch.ops.fastdpo.linear_fwd_(h, weight, bias, y, idx, o.ignore_index, o.temperature, o.softcap, o.scale,
                                       o.rows, out_logp, out_lse, out_stats if stats else None)
         return
-    buf = h.new_empty(min(o.rows, n), weight.shape[0])
+    buf = h.new_empty(2 if kl else 1, min(o.rows, n), weight.shape[0])
     for i, j in tiles(n, o.rows):
         sel = idx[i:j]
-        x = project(h.index_select(0, sel), weight, bias, o.scale, buf[: j - i])
-        lp, lse, st = fold(kern, x, y.index_select(0, sel), o, stats)
+        ys = y.index_select(0, sel)
+        x = project(h.index_select(0, sel), weight, bias, o.scale, buf[0, : j - i])
+        if kl is None:
+            lp, lse, st = fold(kern, x, ys, o, stats)
+        else:
+            rh, rw, rb, out_ref, out_kl, out_ref_lse = kl
+            r = project(rh.index_select(0, sel), rw, rb, o.scale, buf[1, : j - i])
+            lp, lse, ref, st, klv, ref_lse = (t.squeeze(0) for t in kern.logprobs_fwd(
+                x.unsqueeze(0), ys.unsqueeze(0), r.unsqueeze(0), o.ignore_index, o.temperature, o.softcap, stats,
+                True))
+            for out, val in ((out_ref, ref), (out_kl, klv), (out_ref_lse, ref_lse)):
+                out.index_copy_(0, sel, val)
         out_logp.index_copy_(0, sel, lp)
         if out_lse is not None:
             out_lse.index_copy_(0, sel, lse)
         if stats:
             out_stats.index_copy_(0, sel, st)
-
-
-def fold_rows_kl(kern, h, weight, bias, rh, rw, rb, y, idx, o: TileOptions, stats: bool, out_logp, out_lse,
-                 out_stats, out_ref, out_kl, out_ref_lse):
-    """Forward fold with the token-level KL: each tile's reference logits are projected beside the
-    policy's (two buffers of ``o.rows`` rows) and folded together by the fused kernel."""
-    n = idx.numel()
-    if n == 0:
-        return
-    buf = h.new_empty(2, min(o.rows, n), weight.shape[0])
-    for i, j in tiles(n, o.rows):
-        sel = idx[i:j]
-        r = project(rh.index_select(0, sel), rw, rb, o.scale, buf[1, : j - i])
-        x = project(h.index_select(0, sel), weight, bias, o.scale, buf[0, : j - i])
-        lp, lse, ref, st, kl, ref_lse = kern.logprobs_fwd(x.unsqueeze(0), y.index_select(0, sel).unsqueeze(0),
-                                                          r.unsqueeze(0), o.ignore_index, o.temperature, o.softcap,
-                                                          stats, True)
-        for out, val in ((out_logp, lp), (out_lse, lse), (out_ref, ref), (out_kl, kl), (out_ref_lse, ref_lse)):
-            out.index_copy_(0, sel, val[0])
-        if stats:
-            out_stats.index_copy_(0, sel, st[0])
 
 
 class _LinearLogprobsFunction(torch.autograd.Function):
@@ -187,13 +181,10 @@ class _LinearLogprobsFunction(torch.autograd.Function):
         ref = torch.zeros_like(logp) if ref_hidden is not None else logp.new_empty(0)
         kl_out = torch.zeros_like(logp) if kl else logp.new_empty(0)
         ref_lse = torch.zeros_like(logp) if kl else logp.new_empty(0)
-        if kl:
-            fold_rows_kl(kern, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, idx, o, stats, logp,
-                         lse, st, ref, kl_out, ref_lse)
-        else:
-            if ref_hidden is not None:
-                fold_rows(kern, ref_hidden, ref_weight, ref_bias, labels, idx, o, False, ref)
-            fold_rows(kern, hidden, weight, bias, labels, idx, o, stats, logp, lse, st)
+        if ref_hidden is not None and not kl:
+            fold_rows(kern, ref_hidden, ref_weight, ref_bias, labels, idx, o, False, ref)
+        fold_rows(kern, hidden, weight, bias, labels, idx, o, stats, logp, lse, st,
+                  kl=(ref_hidden, ref_weight, ref_bias, ref, kl_out, ref_lse) if kl else None)
         ctx.save_for_backward(hidden, weight, bias, labels, idx, lse,
                               *((ref_hidden, ref_weight, ref_bias, ref_lse) if kl else ()))
         ctx.o = o
@@ -208,30 +199,26 @@ class _LinearLogprobsFunction(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grads = GradAccumulator(hidden, weight, bias, need_h, need_w, need_b)
         n = idx.numel()
-        if n and ref:  # the KL term needs the reference tile beside the policy's
-            rh, rw, rb, ref_lse = ref
-            buf = hidden.new_empty(2, min(o.rows, n), weight.shape[0])
-            g, gk = grad_logp.contiguous(), grad_kl.contiguous()
-            for i, j in tiles(n, o.rows):
-                sel = idx[i:j]
-                h_rows = hidden.index_select(0, sel)
-                r = project(rh.index_select(0, sel), rw, rb, o.scale, buf[1, : j - i])
-                x = project(h_rows, weight, bias, o.scale, buf[0, : j - i])
-                grads.add_tile(kern, x, g.index_select(0, sel), labels.index_select(0, sel), lse.index_select(0, sel),
-                               h_rows, sel, weight, o, kl=(gk.index_select(0, sel), r, ref_lse.index_select(0, sel)))
-        elif n and o.backend == "cpu":  # the same loop in C++
+        if n and o.backend == "cpu" and not ref:  # the same loop in C++
             torch.ops.fastdpo.linear_bwd_(grad_logp.contiguous(), hidden, weight, bias, labels, idx, lse,
                                           o.ignore_index, o.temperature, o.softcap, o.scale, o.rows, grads.h, grads.w,
                                           grads.b)
         elif n:
-            buf = hidden.new_empty(min(o.rows, n), weight.shape[0])
+            # With the KL term the reference tile is projected again beside the policy's.
+            buf = hidden.new_empty(2 if ref else 1, min(o.rows, n), weight.shape[0])
             g = grad_logp.contiguous()
+            gk = grad_kl.contiguous() if ref else None
             for i, j in tiles(n, o.rows):
                 sel = idx[i:j]
                 h_rows = hidden.index_select(0, sel)
-                x = project(h_rows, weight, bias, o.scale, buf[: j - i])
+                x = project(h_rows, weight, bias, o.scale, buf[0, : j - i])
+                kl = None
+                if ref:
+                    rh, rw, rb, ref_lse = ref
+                    r = project(rh.index_select(0, sel), rw, rb, o.scale, buf[1, : j - i])
+                    kl = (gk.index_select(0, sel), r, ref_lse.index_select(0, sel))
                 grads.add_tile(kern, x, g.index_select(0, sel), labels.index_select(0, sel), lse.index_select(0, sel),
-                               h_rows, sel, weight, o)
+                               h_rows, sel, weight, o, kl=kl)
         gh, gw, gb = grads.result(weight, bias)
         return gh, gw, gb, None, None, None, None, None, None, None, None
 
