@@ -50,9 +50,13 @@ class _Plan:
     common: dict
 
     @property
+    def kl_losses(self) -> list[str]:
+        """The objectives that read the token-level KL (the kernels must compute it)."""
+        return [sp.name for sp, _, _ in self.terms if sp.token_kl]
+
+    @property
     def token_kl(self) -> bool:
-        """Some objective reads the token-level KL: the kernels must compute it."""
-        return any(sp.token_kl for sp, _, _ in self.terms)
+        return bool(self.kl_losses)
 
 
 def _check_number(x, name, *, lo=None, hi=None, lo_open=False, hi_open=False):
@@ -155,9 +159,8 @@ def _check_batch(plan: _Plan, n: int, desirable, ref_logps, have_ref_tokens, pai
             )
     has_ref = have_ref_tokens or ref_logps is not None
     if plan.token_kl and not have_ref_tokens:
-        need = [sp.name for sp, _, _ in plan.terms if sp.token_kl]
         raise ValueError(
-            f"fastdpo: loss_type {need} regularises with the token-level KL to the reference over the whole "
+            f"fastdpo: loss_type {plan.kl_losses} regularises with the token-level KL to the reference over the whole "
             "vocabulary, which needs the reference model's logits: pass ref_logits (ref_hidden for the linear form)"
             + ("; precomputed ref_logps are not enough" if ref_logps is not None else "")
         )
@@ -221,7 +224,7 @@ def _loss_from_tokens(tok: FusedLogprobs, labels, *, ref_logps, plan: _Plan, ld_
         raise ValueError("fastdpo: ld_alpha needs paired responses ([chosen; rejected] layout), not desirable=")
     if plan.token_kl and tok.kl is None:
         raise ValueError(
-            f"fastdpo: loss_type {[sp.name for sp, _, _ in plan.terms if sp.token_kl]} needs the token-level KL to "
+            f"fastdpo: loss_type {plan.kl_losses} needs the token-level KL to "
             "the reference over the vocabulary, which per-token log-probs do not carry; use fastdpo.dpo_loss with "
             "ref_logits (or linear_dpo_loss with ref_hidden)")
     s, logp, mask = _sequence_stats(tok, labels, ignore_index, ref_logps, ld_alpha, token_weights, K, desirable)
@@ -294,6 +297,9 @@ def _metrics(s: SequenceStats, stats, mask, cr, rr, desirable, K):
         "entropy": _masked_mean(st[..., 0], m),
         "mean_token_accuracy": _masked_mean(st[..., 1], cm),
     })
+    if s.kl is not None:  # objectives with the token-level KL: mean per-sequence KL sums
+        kc, kr = (s.kl[desirable], s.kl[~desirable]) if desirable is not None else (s.chosen_kl, s.rejected_kl)
+        out["kl/chosen"], out["kl/rejected"] = kc.detach().mean(), kr.detach().mean()
     return out
 
 
@@ -477,7 +483,7 @@ def linear_dpo_loss(
     if strategy != "recompute" and any(need):
         budget = o.rows * weight.shape[0] * hidden.element_size()
         not_separable = [sp.name for sp, _, _ in plan.terms if not sp.separable]
-        with_kl = [sp.name for sp, _, _ in plan.terms if sp.token_kl]
+        with_kl = plan.kl_losses
         if not not_separable and not with_kl:
             counts = (labels != ignore_index).sum(1).tolist()
             chunks = linear.group_chunks(counts, _groups(plan, n, desirable), weight.shape[0], hidden.element_size(),

@@ -173,8 +173,6 @@ def rrpo(s, cfg):
     in the paper's training scripts), :math:`\beta` = ``beta``. Logs ``kl/chosen`` and
     ``kl/rejected`` (mean per-sequence KL sums).
     """
-    s.metrics["kl/chosen"] = s.chosen_kl.detach().mean()
-    s.metrics["kl/rejected"] = s.rejected_kl.detach().mean()
     return -F.logsigmoid(cfg.beta * (s.chosen_logratios - s.rejected_logratios)) + cfg.rrpo_alpha * s.chosen_kl
 
 
@@ -200,8 +198,6 @@ def tdpo(s, cfg):
 
     Rewards as logged by the paper's code: :math:`\beta(u + D)`. Logs ``kl/chosen`` and ``kl/rejected``.
     """
-    s.metrics["kl/chosen"] = s.chosen_kl.detach().mean()
-    s.metrics["kl/rejected"] = s.rejected_kl.detach().mean()
     margin = s.chosen_logratios - s.rejected_logratios
     if cfg.tdpo_variant == "tdpo1":
         return -F.logsigmoid(cfg.beta * (margin - (s.rejected_kl - s.chosen_kl)))
