@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from fastdpo.losses import api as _api
+from fastdpo.losses import compute as _compute
+from fastdpo.losses.plan import make_plan
 from fastdpo.ops.logprobs import FusedLogprobs
 from fastdpo.ops.schema import STAT_NAMES
 
@@ -23,9 +24,9 @@ def check_loss_options(**options) -> None:
     """Validate loss options without a batch (raises the loss library's errors, which name the option)."""
     opts = {**LOSS_DEFAULTS, **options}
     variant = {k: v for k, v in opts.items() if k not in LOSS_DEFAULTS}
-    _api._plan(opts["loss_type"], opts["loss_weights"], opts["beta"], opts["label_smoothing"],
-               opts["f_divergence_type"], opts["f_alpha_divergence_coef"], opts["ld_alpha"], opts["use_weighting"],
-               opts["discopop_tau"], variant)
+    make_plan(opts["loss_type"], opts["loss_weights"], opts["beta"], opts["label_smoothing"],
+              opts["f_divergence_type"], opts["f_alpha_divergence_coef"], opts["ld_alpha"], opts["use_weighting"],
+              opts["discopop_tau"], variant)
 
 
 def stats_from_fields(shape, *, entropy=None, is_top1=None, mean_logits=None, log_sum_sq_probs=None, device=None):
@@ -41,7 +42,7 @@ def stats_from_fields(shape, *, entropy=None, is_top1=None, mean_logits=None, lo
 def loss_from_token_logprobs(logps: torch.Tensor, labels: torch.Tensor, *, ref_token_logps: torch.Tensor | None = None,
                              ref_logps: torch.Tensor | None = None, stats: torch.Tensor | None = None,
                              ignore_index: int = -100, token_weights=None, pair_weights=None, desirable=None,
-                             **loss_options) -> _api.DPOOutput:
+                             **loss_options) -> _compute.DPOOutput:
     """DPO-family loss from per-token policy log-probs ``logps [N, T]`` (0 at ignored tokens, differentiable).
 
     ``labels [N, T]`` marks the scored tokens (``!= ignore_index``); ``ref_token_logps [N, T]`` are the
@@ -63,13 +64,13 @@ def loss_from_token_logprobs(logps: torch.Tensor, labels: torch.Tensor, *, ref_t
     tok = FusedLogprobs(logps, ref_tok, stats.float())
     opts = {**LOSS_DEFAULTS, **loss_options}
     variant = {k: v for k, v in opts.items() if k not in LOSS_DEFAULTS}
-    return _api._run(lambda kl: tok, labels, labels.shape[0], ref_tok is not None, ref_logps=ref_logps,
-                     loss_type=opts["loss_type"], beta=opts["beta"], label_smoothing=opts["label_smoothing"],
-                     loss_weights=opts["loss_weights"], f_divergence_type=opts["f_divergence_type"],
-                     f_alpha_divergence_coef=opts["f_alpha_divergence_coef"], ld_alpha=opts["ld_alpha"],
-                     use_weighting=opts["use_weighting"], discopop_tau=opts["discopop_tau"],
-                     ignore_index=ignore_index, token_weights=token_weights, pair_weights=pair_weights,
-                     desirable=desirable, variant_options=variant)
+    return _compute.run(lambda kl: tok, labels, labels.shape[0], ref_tok is not None, ref_logps=ref_logps,
+                        loss_type=opts["loss_type"], beta=opts["beta"], label_smoothing=opts["label_smoothing"],
+                        loss_weights=opts["loss_weights"], f_divergence_type=opts["f_divergence_type"],
+                        f_alpha_divergence_coef=opts["f_alpha_divergence_coef"], ld_alpha=opts["ld_alpha"],
+                        use_weighting=opts["use_weighting"], discopop_tau=opts["discopop_tau"],
+                        ignore_index=ignore_index, token_weights=token_weights, pair_weights=pair_weights,
+                        desirable=desirable, variant_options=variant)
 
 
 def pair_losses(loss_type: str, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None,

@@ -1,0 +1,109 @@
+"""Per-token kernel outputs -> a DPO-family loss: the code path every entry point shares.
+
+:func:`loss_from_tokens` takes a plan (:mod:`fastdpo.losses.plan`), the per-token outputs of
+the fused kernels and a layout (:mod:`fastdpo.losses.sequences`), reduces the tokens to
+sequences once, applies the objectives (WPO and pair weights included) and forms TRL's
+metrics (:mod:`fastdpo.losses.metrics`). All ordinary torch code on small tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from fastdpo import _validation
+from fastdpo.losses import metrics as _metrics
+from fastdpo.losses.plan import LossPlan, check_batch, make_plan
+from fastdpo.losses.registry import f_divergence_scores
+from fastdpo.losses.sequences import PaddedLayout, sequence_stats, wpo_weights
+from fastdpo.ops.logprobs import FusedLogprobs
+
+
+@dataclasses.dataclass
+class DPOOutput:
+    """Result of :func:`fastdpo.dpo_loss` / :func:`fastdpo.linear_dpo_loss`.
+
+    ``loss``: scalar. ``chosen_logps`` / ``rejected_logps``: per-pair policy sequence
+    log-probs (after ``ld_alpha`` / ``token_weights``). ``chosen_rewards`` /
+    ``rejected_rewards``: detached implicit rewards (``beta * log-ratio`` for
+    reference-based losses). ``metrics``: detached 0-d tensors under TRL's keys.
+    ``policy_logps`` / ``ref_logps``: all ``N`` sequence log-probs (``ref_logps`` None
+    when reference-free).
+    """
+
+    loss: torch.Tensor
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    metrics: dict
+    policy_logps: torch.Tensor
+    ref_logps: torch.Tensor | None
+
+
+def loss_from_tokens(tok: FusedLogprobs, layout, *, ref_logps, plan: LossPlan, ld_alpha, use_weighting,
+                     token_weights, pair_weights, desirable) -> DPOOutput:
+    n = layout.num_seqs
+    K = 1 if (plan.unpaired and desirable is not None) else plan.num_blocks
+    if plan.unpaired and desirable is None:
+        desirable = torch.arange(n, device=layout.mask.device) < n // 2
+    if ld_alpha is not None and K == 1:
+        raise ValueError("fastdpo: ld_alpha needs paired responses ([chosen; rejected] layout), not desirable=")
+    if plan.token_kl and tok.kl is None:
+        raise ValueError(
+            f"fastdpo: loss_type {plan.kl_losses} needs the token-level KL to "
+            "the reference over the vocabulary, which per-token log-probs do not carry; use fastdpo.dpo_loss with "
+            "ref_logits (or linear_dpo_loss with ref_hidden)")
+    s = sequence_stats(tok, layout, ref_logps=ref_logps, ld_alpha=ld_alpha, token_weights=token_weights,
+                       num_blocks=K, desirable=desirable)
+    s.scores = f_divergence_scores(s.logratios, plan.common["f_divergence_type"], plan.common["f_alpha_divergence_coef"])
+    wpo = wpo_weights(tok, layout, s.n_tokens, K) if use_weighting else None
+
+    loss = 0.0
+    for sp, cfg, weight in plan.terms:
+        per = sp.fn(s, cfg)
+        if wpo is not None:
+            per = per * wpo
+        if pair_weights is not None:
+            per = per * pair_weights.to(per.dtype)
+        loss = loss + per.mean() * weight
+
+    sp0, cfg0, _ = plan.terms[0]
+    with torch.no_grad():
+        if sp0.rewards is not None:
+            cr, rr = sp0.rewards(s, cfg0)
+        else:
+            r = cfg0.beta * (s.logratios.view(K, -1) if K > 1 else s.logratios)
+            if desirable is not None:
+                r = r.reshape(-1)
+                cr, rr = r[desirable], r[~desirable]
+            else:
+                cr, rr = r[0], r[1]
+        cr, rr = cr.detach(), rr.detach()
+        metrics = _metrics.trl_metrics(s, tok.stats, layout, cr, rr, desirable, K)
+    if "nll_loss" in s.metrics:
+        metrics["nll_loss"] = s.metrics.pop("nll_loss").detach()
+    metrics.update({k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in s.metrics.items()})
+    if desirable is not None:
+        chosen, rejected = s.logps[desirable], s.logps[~desirable]
+    else:
+        chosen, rejected = s.chosen_logps, s.rejected_logps
+    if not isinstance(loss, torch.Tensor):  # pragma: no cover - every objective returns a tensor
+        loss = torch.tensor(loss, device=layout.mask.device)
+    return DPOOutput(loss, chosen, rejected, cr, rr, metrics, s.logps, s.ref_logps)
+
+
+def run(tok_fn, labels, n, have_ref_tokens, *, ref_logps, loss_type, beta, label_smoothing, loss_weights,
+        f_divergence_type, f_alpha_divergence_coef, ld_alpha, use_weighting, discopop_tau, ignore_index,
+        token_weights, pair_weights, desirable, variant_options) -> DPOOutput:
+    """Plan the options, check the batch, get the per-token outputs from ``tok_fn(kl: bool)`` and
+    evaluate the loss on the padded ``[N, T]`` layout of ``labels``."""
+    plan = make_plan(loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
+                     ld_alpha, use_weighting, discopop_tau, variant_options)
+    _validation.check_int(ignore_index, "ignore_index")
+    check_batch(plan, n, desirable, ref_logps, have_ref_tokens, pair_weights, token_weights, labels)
+    tok = tok_fn(plan.token_kl)
+    return loss_from_tokens(tok, PaddedLayout(labels, ignore_index), ref_logps=ref_logps, plan=plan,
+                            ld_alpha=ld_alpha, use_weighting=use_weighting, token_weights=token_weights,
+                            pair_weights=pair_weights, desirable=desirable)

@@ -1,0 +1,167 @@
+"""Option planning and batch checks: which objectives run, with which options, on which batch layout.
+
+:func:`make_plan` validates the loss options once (no tensors needed, so the module
+forms and the trainer can check them at construction) and returns a :class:`LossPlan`;
+:func:`check_batch` validates a batch against a plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+import torch
+
+from fastdpo import _validation
+from fastdpo.losses import registry
+from fastdpo.losses.registry import LossConfig
+
+
+@dataclasses.dataclass
+class LossPlan:
+    terms: list  # [(LossSpec, LossConfig, weight)]
+    num_blocks: int
+    unpaired: bool
+    common: dict
+
+    @property
+    def names(self) -> list[str]:
+        return [sp.name for sp, _, _ in self.terms]
+
+    @property
+    def kl_losses(self) -> list[str]:
+        """The objectives that read the token-level KL (the kernels must compute it)."""
+        return [sp.name for sp, _, _ in self.terms if sp.token_kl]
+
+    @property
+    def token_kl(self) -> bool:
+        return bool(self.kl_losses)
+
+
+def check_number(x, name, *, lo=None, hi=None, lo_open=False, hi_open=False):
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"fastdpo: {name} must be a number, got {type(x).__name__}")
+    x = float(x)
+    if (lo is not None and (x < lo or (lo_open and x == lo))) or (hi is not None and (x > hi or (hi_open and x == hi))):
+        lb = "(" if lo_open else "["
+        rb = ")" if hi_open else "]"
+        raise ValueError(f"fastdpo: {name} must lie in {lb}{lo}, {hi}{rb}, got {x}")
+    return x
+
+
+def make_plan(loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, ld_alpha,
+              use_weighting, discopop_tau, variant_options) -> LossPlan:
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    if not types:
+        raise ValueError("fastdpo: loss_type must be a name or a non-empty list of names")
+    specs = [registry.get_loss(t) for t in types]
+    if loss_weights is None:
+        weights = [1.0] * len(types)
+    else:
+        weights = [check_number(w, "loss_weights[i]") for w in loss_weights]
+        if len(weights) != len(types):
+            raise ValueError(
+                f"fastdpo: loss_weights has {len(weights)} entries but loss_type has {len(types)} ({types}); "
+                "give one weight per loss type"
+            )
+    if isinstance(beta, torch.Tensor):
+        if not beta.dtype.is_floating_point:
+            raise TypeError(f"fastdpo: a tensor beta must be floating point, got {beta.dtype}")
+    else:
+        check_number(beta, "beta", lo=0.0, lo_open=True)
+    label_smoothing = check_number(label_smoothing, "label_smoothing", lo=0.0, hi=1.0)
+    if f_divergence_type not in registry.F_DIVERGENCES:
+        raise ValueError(
+            f"fastdpo: unknown f_divergence_type {f_divergence_type!r}; expected one of {', '.join(registry.F_DIVERGENCES)}"
+        )
+    f_alpha_divergence_coef = check_number(f_alpha_divergence_coef, "f_alpha_divergence_coef")
+    if ld_alpha is not None:
+        check_number(ld_alpha, "ld_alpha", lo=0.0, hi=1.0)
+    discopop_tau = check_number(discopop_tau, "discopop_tau", lo=0.0, lo_open=True)
+    if f_divergence_type != "reverse_kl":
+        bad = [sp.name for sp in specs if not sp.f_divergence]
+        if bad:
+            raise ValueError(
+                f"fastdpo: f_divergence_type={f_divergence_type!r} is not supported by loss_type {bad}; supported: "
+                f"{[n for n in registry.available_losses() if registry.get_loss(n).f_divergence]}"
+            )
+    if use_weighting:
+        bad = [sp.name for sp in specs if not sp.weighting]
+        if bad:
+            raise ValueError(f"fastdpo: use_weighting=True (WPO) is not supported by loss_type {bad}")
+    known = set().union(*(sp.defaults for sp in specs))
+    unknown = sorted(set(variant_options) - known)
+    if unknown:
+        raise TypeError(
+            f"fastdpo: unexpected option(s) {unknown} for loss_type {types}; "
+            f"options these losses accept: {sorted(known) or 'none'}"
+        )
+    common = dict(beta=beta, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
+                  f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau)
+    terms = []
+    for sp, w in zip(specs, weights):
+        opts = {k: variant_options.get(k, v) for k, v in sp.defaults.items()}
+        cfg = LossConfig(**common, **opts)
+        if sp.validate is not None:
+            sp.validate(cfg)
+        terms.append((sp, cfg, w))
+    blocks = {sp.blocks(cfg) for sp, cfg, _ in terms}
+    if len(blocks) != 1:
+        raise ValueError(f"fastdpo: loss types {types} expect different batch layouts and cannot be combined")
+    unpaired = {sp.unpaired for sp in specs}
+    if len(unpaired) != 1:
+        raise ValueError(f"fastdpo: paired and unpaired loss types cannot be combined ({types})")
+    return LossPlan(terms, blocks.pop(), unpaired.pop(), common)
+
+
+def check_batch(plan: LossPlan, n: int, desirable, ref_logps, have_ref_tokens, pair_weights, token_weights, labels):
+    if desirable is None and (n % plan.num_blocks != 0 or n == 0):
+        layout = "[chosen; rejected]" if plan.num_blocks == 2 else f"{plan.num_blocks} equal blocks"
+        raise ValueError(
+            f"fastdpo: the batch dimension must hold {layout} for loss_type "
+            f"{plan.names}, got {n} sequences (not a positive multiple of {plan.num_blocks})"
+        )
+    if desirable is not None:
+        if not plan.unpaired:
+            raise ValueError("fastdpo: desirable= is only accepted by unpaired loss types (kto, bco, ...)")
+        _validation.check_tensor(desirable, "desirable")
+        if desirable.dtype != torch.bool or tuple(desirable.shape) != (n,):
+            raise ValueError(f"fastdpo: desirable must be a bool tensor of shape ({n},), got {desirable.dtype} {tuple(desirable.shape)}")
+    if ref_logps is not None:
+        _validation.check_float_tensor(ref_logps, "ref_logps")
+        if have_ref_tokens:
+            raise ValueError("fastdpo: pass either ref_logits/ref_hidden or ref_logps, not both")
+        if tuple(ref_logps.shape) != (n,):
+            raise ValueError(
+                f"fastdpo: ref_logps must be the [{n}] sequence-level reference log-probs in the batch order, "
+                f"got shape {tuple(ref_logps.shape)}"
+            )
+    has_ref = have_ref_tokens or ref_logps is not None
+    if plan.token_kl and not have_ref_tokens:
+        raise ValueError(
+            f"fastdpo: loss_type {plan.kl_losses} regularises with the token-level KL to the reference over the whole "
+            "vocabulary, which needs the reference model's logits: pass ref_logits (ref_hidden for the linear form)"
+            + ("; precomputed ref_logps are not enough" if ref_logps is not None else "")
+        )
+    for sp, _, _ in plan.terms:
+        if sp.reference == "required" and not has_ref:
+            raise ValueError(
+                f"fastdpo: loss_type={sp.name!r} needs a reference: pass ref_logits (ref_hidden for the linear form) "
+                "or ref_logps"
+            )
+    if pair_weights is not None:
+        _validation.check_float_tensor(pair_weights, "pair_weights")
+        groups = n if plan.unpaired else n // plan.num_blocks
+        if tuple(pair_weights.shape) != (groups,):
+            raise ValueError(f"fastdpo: pair_weights must have shape ({groups},), got {tuple(pair_weights.shape)}")
+    if token_weights is not None:
+        _validation.check_float_tensor(token_weights, "token_weights")
+        _validation.check_same_shape(labels, token_weights, "labels", "token_weights")
+
+
+def groups(plan: LossPlan, n: int) -> list[list[int]]:
+    """Sequence indices of each group whose loss terms belong together (pairs, K-way lists)."""
+    if plan.unpaired:
+        return [[i] for i in range(n)]
+    g = n // plan.num_blocks
+    return [[i + k * g for k in range(plan.num_blocks)] for i in range(g)]
