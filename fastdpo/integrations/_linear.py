@@ -26,6 +26,13 @@ OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 _STAT = {name: i for i, name in enumerate(STAT_NAMES)}
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the LM head's logits are formed in: the autocast dtype while autocast is on for ``x``'s device
+    (as TRL's fused head and ``nn.Linear`` under autocast do), else ``x``'s own."""
+    t = x.device.type
+    return torch.get_autocast_dtype(t) if torch.is_autocast_enabled(t) else x.dtype
+
+
 def _gather_ctx(*params):
     """DeepSpeed ZeRO-3 gathering of a sharded LM head, when TRL provides it (a null context otherwise)."""
     try:
@@ -50,7 +57,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         device = hidden.device
         n, vocab = hidden.shape[0], weight.shape[0]
-        cd = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
+        cd = compute_dtype(hidden)
         o = linear.TileOptions(ignore_index, float(temperature), float(softcap) if softcap else 0.0,
                                float(logit_scale), _backends.resolve(backend, device).value,
                                max(1, block_elements // max(vocab, 1)))

@@ -11,22 +11,14 @@ from __future__ import annotations
 import torch
 
 from fastdpo.losses import compute as _compute
-from fastdpo.losses.plan import make_plan
+from fastdpo.losses.plan import LOSS_DEFAULTS, LossPlan, plan_from_options
 from fastdpo.ops.logprobs import FusedLogprobs
 from fastdpo.ops.schema import STAT_NAMES
 
-LOSS_DEFAULTS = dict(loss_type="sigmoid", beta=0.1, label_smoothing=0.0, loss_weights=None,
-                     f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, ld_alpha=None,
-                     use_weighting=False, discopop_tau=0.05)
 
-
-def check_loss_options(**options) -> None:
+def check_loss_options(**options) -> LossPlan:
     """Validate loss options without a batch (raises the loss library's errors, which name the option)."""
-    opts = {**LOSS_DEFAULTS, **options}
-    variant = {k: v for k, v in opts.items() if k not in LOSS_DEFAULTS}
-    make_plan(opts["loss_type"], opts["loss_weights"], opts["beta"], opts["label_smoothing"],
-              opts["f_divergence_type"], opts["f_alpha_divergence_coef"], opts["ld_alpha"], opts["use_weighting"],
-              opts["discopop_tau"], variant)
+    return plan_from_options(**options)
 
 
 def stats_from_fields(shape, *, entropy=None, is_top1=None, mean_logits=None, log_sum_sq_probs=None, device=None):
@@ -41,14 +33,15 @@ def stats_from_fields(shape, *, entropy=None, is_top1=None, mean_logits=None, lo
 
 def loss_from_token_logprobs(logps: torch.Tensor, labels: torch.Tensor, *, ref_token_logps: torch.Tensor | None = None,
                              ref_logps: torch.Tensor | None = None, stats: torch.Tensor | None = None,
-                             ignore_index: int = -100, token_weights=None, pair_weights=None, desirable=None,
-                             **loss_options) -> _compute.DPOOutput:
+                             kl: torch.Tensor | None = None, ignore_index: int = -100, token_weights=None,
+                             pair_weights=None, desirable=None, **loss_options) -> _compute.DPOOutput:
     """DPO-family loss from per-token policy log-probs ``logps [N, T]`` (0 at ignored tokens, differentiable).
 
     ``labels [N, T]`` marks the scored tokens (``!= ignore_index``); ``ref_token_logps [N, T]`` are the
     reference's per-token log-probs, or ``ref_logps [N]`` its precomputed sequence log-probs; ``stats``
-    ``[N, T, 4]`` (entropy, argmax hit, mean logit, log sum p^2) feeds the metrics and WPO weights.
-    ``loss_options`` are those of :func:`fastdpo.dpo_loss`.
+    ``[N, T, 4]`` (entropy, argmax hit, mean logit, log sum p^2) feeds the metrics and WPO weights;
+    ``kl [N, T]`` is the per-token KL to the reference for the token-KL objectives (differentiable, 0 at
+    ignored tokens). ``loss_options`` are those of :func:`fastdpo.dpo_loss`.
     """
     if logps.shape != labels.shape:
         raise ValueError(f"fastdpo: logps and labels must have the same shape, got {tuple(logps.shape)} and "
@@ -61,7 +54,10 @@ def loss_from_token_logprobs(logps: torch.Tensor, labels: torch.Tensor, *, ref_t
     mask = labels != ignore_index
     logps = logps.float().masked_fill(~mask, 0.0)
     ref_tok = ref_token_logps.detach().float().masked_fill(~mask, 0.0) if ref_token_logps is not None else None
-    tok = FusedLogprobs(logps, ref_tok, stats.float())
+    if kl is not None and kl.shape != labels.shape:
+        raise ValueError(f"fastdpo: kl must have shape {tuple(labels.shape)}, got {tuple(kl.shape)}")
+    kl = kl.float().masked_fill(~mask, 0.0) if kl is not None else None
+    tok = FusedLogprobs(logps, ref_tok, stats.float(), kl)
     opts = {**LOSS_DEFAULTS, **loss_options}
     variant = {k: v for k, v in opts.items() if k not in LOSS_DEFAULTS}
     return _compute.run(lambda kl: tok, labels, labels.shape[0], ref_tok is not None, ref_logps=ref_logps,
@@ -70,7 +66,7 @@ def loss_from_token_logprobs(logps: torch.Tensor, labels: torch.Tensor, *, ref_t
                         f_alpha_divergence_coef=opts["f_alpha_divergence_coef"], ld_alpha=opts["ld_alpha"],
                         use_weighting=opts["use_weighting"], discopop_tau=opts["discopop_tau"],
                         ignore_index=ignore_index, token_weights=token_weights, pair_weights=pair_weights,
-                        desirable=desirable, variant_options=variant)
+                        desirable=desirable, variant_options=variant, average_log_prob=opts["average_log_prob"])
 
 
 def pair_losses(loss_type: str, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None,

@@ -8,11 +8,13 @@ statistics) and hands the per-token outputs to the one shared code path,
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
-from fastdpo import _validation
+from fastdpo import _backends, _validation
 from fastdpo.losses.compute import DPOOutput, loss_from_tokens, run
-from fastdpo.losses.plan import check_batch, groups, make_plan
+from fastdpo.losses.plan import LOSS_DEFAULTS, check_batch, groups, make_plan, plan_from_options
 from fastdpo.losses.sequences import PaddedLayout
 from fastdpo.ops import linear
 from fastdpo.ops.logprobs import FusedLogprobs, fused_logprobs
@@ -31,6 +33,9 @@ _LOSS_DOC = """
         ld_alpha: LD-DPO weight of the tokens beyond the shorter response (policy and reference).
         use_weighting: WPO pair weights from the per-token ``log sum p^2`` of the same pass.
         discopop_tau: DiscoPOP temperature.
+        average_log_prob: length-averaged sequence log-probs (Liger's switch): every sequence sum (policy
+            and reference, after ``ld_alpha`` / ``token_weights``) is divided by its number of scored tokens;
+            objectives that length-normalise themselves (ipo, sigmoid_norm, simpo, ...) then use them as they are.
         token_weights: per-token weights shaped like ``labels`` inside every sequence sum.
         pair_weights: per-pair weights multiplying the per-pair loss (Sem-DPO style).
         desirable: bool ``[N]`` for unpaired losses (kto, bco); default ``[True]*N/2 + [False]*N/2``.
@@ -59,6 +64,7 @@ def dpo_loss(
     pair_weights: torch.Tensor | None = None,
     desirable: torch.Tensor | None = None,
     process_group=None,
+    average_log_prob: bool = False,
     **variant_options,
 ) -> DPOOutput:
     """DPO-family loss from policy logits in one fused pass over the vocabulary.
@@ -97,7 +103,7 @@ def dpo_loss(
                 f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
                 ld_alpha=ld_alpha, use_weighting=use_weighting, discopop_tau=discopop_tau,
                 ignore_index=ignore_index, token_weights=token_weights, pair_weights=pair_weights,
-                desirable=desirable, variant_options=variant_options)
+                desirable=desirable, variant_options=variant_options, average_log_prob=average_log_prob)
 
 
 def linear_dpo_loss(
@@ -129,6 +135,7 @@ def linear_dpo_loss(
     logit_scale: float = 1.0,
     strategy: str = "auto",
     memory_budget: int | None = None,
+    average_log_prob: bool = False,
     **variant_options,
 ) -> DPOOutput:
     """DPO-family loss from the LM head's inputs, ``logits = logit_scale * (hidden @ weight.T + bias)``,
@@ -160,7 +167,7 @@ def linear_dpo_loss(
     if strategy not in linear.STRATEGIES:
         raise ValueError(f"fastdpo: unknown strategy {strategy!r}; expected one of {', '.join(linear.STRATEGIES)}")
     plan = make_plan(loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
-                     ld_alpha, use_weighting, discopop_tau, variant_options)
+                     ld_alpha, use_weighting, discopop_tau, variant_options, average_log_prob=average_log_prob)
     _validation.check_int(ignore_index, "ignore_index")
     h, y, rh, rw, rb, idx, o = linear.prepare(
         hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
@@ -207,16 +214,41 @@ dpo_loss.__doc__ += _LOSS_DOC
 linear_dpo_loss.__doc__ += _LOSS_DOC
 
 
+def check_module_options(fn, options: dict) -> None:
+    """Validate the options a module form fixes for ``fn`` (dpo_loss / linear_dpo_loss), without tensors: the
+    loss options through :func:`~fastdpo.losses.plan.plan_from_options`, plus the backend, ignore index and
+    fused-linear strategy names. The per-call inputs (the tensors ``fn`` takes positionally) cannot be fixed."""
+    params = inspect.signature(fn).parameters
+    positional = [n for n, p in params.items() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    fixed = sorted(set(positional) & set(options))
+    if fixed:
+        raise TypeError(f"fastdpo: {fixed} are per-call inputs of {fn.__name__}, not module options; pass them "
+                        "when calling the module")
+    call_only = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in LOSS_DEFAULTS}
+    plan_from_options(**{k: v for k, v in options.items() if k not in call_only})
+    if "backend" in options:
+        _backends.parse_backend(options["backend"])
+    if "ignore_index" in options:
+        _validation.check_int(options["ignore_index"], "ignore_index")
+    if "strategy" in options and options["strategy"] not in linear.STRATEGIES:
+        raise ValueError(f"fastdpo: unknown strategy {options['strategy']!r}; expected one of "
+                         f"{', '.join(linear.STRATEGIES)}")
+
+
 class DPOLoss(torch.nn.Module):
     """``nn.Module`` form of :func:`dpo_loss`: options fixed at construction, overridable per call.
 
     ``DPOLoss(loss_type="ipo", beta=0.5)(logits, labels, ref_logits=ref) -> DPOOutput``
+
+    The options are validated when the module is built (the same checks and messages as a call), so a
+    misspelt option or a bad value raises there, not at the first training step.
     """
 
     _fn = staticmethod(dpo_loss)
 
     def __init__(self, **options):
         super().__init__()
+        check_module_options(type(self)._fn, options)
         self.options = options
 
     def forward(self, *args, **kwargs) -> DPOOutput:

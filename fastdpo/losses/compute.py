@@ -56,7 +56,7 @@ def loss_from_tokens(tok: FusedLogprobs, layout, *, ref_logps, plan: LossPlan, l
             "the reference over the vocabulary, which per-token log-probs do not carry; use fastdpo.dpo_loss with "
             "ref_logits (or linear_dpo_loss with ref_hidden)")
     s = sequence_stats(tok, layout, ref_logps=ref_logps, ld_alpha=ld_alpha, token_weights=token_weights,
-                       num_blocks=K, desirable=desirable)
+                       num_blocks=K, desirable=desirable, average_log_prob=plan.average_log_prob)
     s.scores = f_divergence_scores(s.logratios, plan.common["f_divergence_type"], plan.common["f_alpha_divergence_coef"])
     wpo = wpo_weights(tok, layout, s.n_tokens, K) if use_weighting else None
 
@@ -96,11 +96,11 @@ def loss_from_tokens(tok: FusedLogprobs, layout, *, ref_logps, plan: LossPlan, l
 
 def run(tok_fn, labels, n, have_ref_tokens, *, ref_logps, loss_type, beta, label_smoothing, loss_weights,
         f_divergence_type, f_alpha_divergence_coef, ld_alpha, use_weighting, discopop_tau, ignore_index,
-        token_weights, pair_weights, desirable, variant_options) -> DPOOutput:
+        token_weights, pair_weights, desirable, variant_options, average_log_prob=False) -> DPOOutput:
     """Plan the options, check the batch, get the per-token outputs from ``tok_fn(kl: bool)`` and
     evaluate the loss on the padded ``[N, T]`` layout of ``labels``."""
     plan = make_plan(loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
-                     ld_alpha, use_weighting, discopop_tau, variant_options)
+                     ld_alpha, use_weighting, discopop_tau, variant_options, average_log_prob=average_log_prob)
     _validation.check_int(ignore_index, "ignore_index")
     check_batch(plan, n, desirable, ref_logps, have_ref_tokens, pair_weights, token_weights, labels)
     tok = tok_fn(plan.token_kl)

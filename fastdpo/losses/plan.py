@@ -23,6 +23,7 @@ class LossPlan:
     num_blocks: int
     unpaired: bool
     common: dict
+    average_log_prob: bool = False
 
     @property
     def names(self) -> list[str]:
@@ -50,7 +51,7 @@ def check_number(x, name, *, lo=None, hi=None, lo_open=False, hi_open=False):
 
 
 def make_plan(loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, ld_alpha,
-              use_weighting, discopop_tau, variant_options) -> LossPlan:
+              use_weighting, discopop_tau, variant_options, *, average_log_prob=False) -> LossPlan:
     types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     if not types:
         raise ValueError("fastdpo: loss_type must be a name or a non-empty list of names")
@@ -111,7 +112,9 @@ def make_plan(loss_type, loss_weights, beta, label_smoothing, f_divergence_type,
     unpaired = {sp.unpaired for sp in specs}
     if len(unpaired) != 1:
         raise ValueError(f"fastdpo: paired and unpaired loss types cannot be combined ({types})")
-    return LossPlan(terms, blocks.pop(), unpaired.pop(), common)
+    if not isinstance(average_log_prob, bool):
+        raise TypeError(f"fastdpo: average_log_prob must be True or False, got {average_log_prob!r}")
+    return LossPlan(terms, blocks.pop(), unpaired.pop(), common, average_log_prob)
 
 
 def check_batch(plan: LossPlan, n: int, desirable, ref_logps, have_ref_tokens, pair_weights, token_weights, labels):
@@ -165,3 +168,19 @@ def groups(plan: LossPlan, n: int) -> list[list[int]]:
         return [[i] for i in range(n)]
     g = n // plan.num_blocks
     return [[i + k * g for k in range(plan.num_blocks)] for i in range(g)]
+
+
+# The loss options every entry point accepts (beyond the objectives' own), with their defaults.
+LOSS_DEFAULTS = dict(loss_type="sigmoid", beta=0.1, label_smoothing=0.0, loss_weights=None,
+                     f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, ld_alpha=None,
+                     use_weighting=False, discopop_tau=0.05, average_log_prob=False)
+
+
+def plan_from_options(**options) -> LossPlan:
+    """:func:`make_plan` from keyword options as the entry points take them (:data:`LOSS_DEFAULTS` for the missing
+    ones; any other keyword is an option of the chosen objectives). Needs no tensors."""
+    opts = {**LOSS_DEFAULTS, **options}
+    variant = {k: v for k, v in opts.items() if k not in LOSS_DEFAULTS}
+    return make_plan(opts["loss_type"], opts["loss_weights"], opts["beta"], opts["label_smoothing"],
+                     opts["f_divergence_type"], opts["f_alpha_divergence_coef"], opts["ld_alpha"],
+                     opts["use_weighting"], opts["discopop_tau"], variant, average_log_prob=opts["average_log_prob"])

@@ -41,11 +41,13 @@ class PaddedLayout:
 
 
 def sequence_stats(tok: FusedLogprobs, layout, *, ref_logps, ld_alpha, token_weights, num_blocks,
-                   desirable) -> SequenceStats:
+                   desirable, average_log_prob=False) -> SequenceStats:
     """The per-sequence inputs of the objectives from the per-token kernel outputs.
 
-    ``logps`` / ``ref_logps`` are sums weighted by ``token_weights`` and LD-DPO's ``ld_alpha``;
-    ``sum_logps`` is the plain sum; ``kl`` the plain sum of the token-level KL."""
+    ``logps`` / ``ref_logps`` are sums weighted by ``token_weights`` and LD-DPO's ``ld_alpha``
+    (with ``average_log_prob``, Liger's switch, divided by the sequence's number of scored tokens;
+    precomputed ``ref_logps`` are sums too); ``sum_logps`` is the plain sum; ``kl`` the plain sum
+    of the token-level KL."""
     logp = layout.tokens(tok.logps)
     mask = layout.mask
     n_tokens = layout.seq_sum(mask.to(logp.dtype))
@@ -68,7 +70,12 @@ def sequence_stats(tok: FusedLogprobs, layout, *, ref_logps, ld_alpha, token_wei
     else:
         ref = None
     kl = layout.seq_sum(tok.kl) if tok.kl is not None else None  # 0 at ignored tokens
-    return SequenceStats(seq(logp), ref, layout.seq_sum(logp), n_tokens, num_blocks, desirable, kl=kl)
+    logps = seq(logp)
+    if average_log_prob:
+        logps = logps / n_tokens.clamp(min=1.0)
+        ref = ref / n_tokens.clamp(min=1.0) if ref is not None else None
+    return SequenceStats(logps, ref, layout.seq_sum(logp), n_tokens, num_blocks, desirable, kl=kl,
+                         length_averaged=bool(average_log_prob))
 
 
 def wpo_weights(tok: FusedLogprobs, layout, n_tokens, num_blocks):
