@@ -8,13 +8,14 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 STEPS = 3
+DDP_PAIRS = 4  # the whole dataset is one global batch, whichever way it is split over processes
 
 
-def setup():
+def setup(pairs=8):
     from _tiny_lm import char_tokenizer, preference_dataset, tiny_llama
 
     tok = char_tokenizer()
-    return tok, preference_dataset(8), tiny_llama(len(tok))
+    return tok, preference_dataset(pairs), tiny_llama(len(tok))
 
 
 def dpo_args(output_dir, *, config_cls=None, steps=STEPS, **options):
