@@ -29,13 +29,16 @@ def dpo_args(output_dir, *, config_cls=None, steps=STEPS, **options):
     return (config_cls or DPOConfig)(**{**base, **options})
 
 
-def train(cls, setup, args, callbacks=None, **kwargs):
-    """Train a copy of the model (and of the reference unless precomputed); returns (logs with a loss, parameters)."""
+def train(cls, setup, args, callbacks=None, keep=None, **kwargs):
+    """Train a copy of the model (and of the reference unless precomputed); returns (logs with a loss, parameters).
+    The trainer is appended to ``keep`` when given."""
     tok, data, model0 = setup
     model = copy.deepcopy(model0)
     ref = None if args.precompute_ref_log_probs else copy.deepcopy(model0)
     trainer = cls(model=model, ref_model=ref, args=args, train_dataset=data, processing_class=tok,
                   callbacks=callbacks, **kwargs)
     trainer.train()
+    if keep is not None:
+        keep.append(trainer)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     return logs, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
