@@ -89,14 +89,14 @@ def _backbone(model):
 
 
 def causal_lm_logprobs(model, input_ids, attention_mask=None, labels=None, *, completion_mask=None,
-                       temperature: float = 1.0, return_stats: bool = False, ignore_index: int = -100,
+                       temperature: float = 1.0, stats: bool = False, ignore_index: int = -100,
                        backend: str = "auto", block_elements: int = DEFAULT_BLOCK_ELEMENTS, **model_kwargs):
     """Per-token log-probs of a causal LM for the next-token labels, ``[B, T-1]`` float32.
 
     Equals ``log_softmax(model(input_ids, attention_mask).logits[:, :-1] / temperature)`` gathered at
     ``labels[:, 1:]`` (0 where the label is ``ignore_index``), with gradients to every parameter, computed from
     the backbone's last hidden state and the LM head without the ``[B, T, V]`` logits. Only the scored
-    positions go through the head. With ``return_stats`` returns :class:`CausalLMLogprobs`.
+    positions go through the head. With ``stats`` returns :class:`CausalLMLogprobs`.
     ``model_kwargs`` go to the backbone (e.g. ``position_ids``).
     """
     labels = _labels(input_ids, labels, completion_mask, attention_mask, ignore_index)
@@ -109,7 +109,7 @@ def causal_lm_logprobs(model, input_ids, attention_mask=None, labels=None, *, co
     hidden = hidden[:, :-1]
     y = labels[:, 1:].to(hidden.device)
     mask = y != ignore_index
-    outputs = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1") if return_stats else ("log_probs",)
+    outputs = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1") if stats else ("log_probs",)
     weight, bias = head.weight, getattr(head, "bias", None)
     res = linear_token_logprobs(hidden[mask].to(weight.device), weight, y[mask].to(weight.device), bias=bias,
                                 temperature=temperature, softcap=transform.softcap, logit_scale=transform.logit_scale,
@@ -123,7 +123,7 @@ def causal_lm_logprobs(model, input_ids, attention_mask=None, labels=None, *, co
         return None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
 
     logps = scatter(logp)
-    if not return_stats:
+    if not stats:
         return logps
     return CausalLMLogprobs(logps, scatter(entropy), scatter(is_top1.float()), scatter(mean_logits), scatter(lssp))
 
@@ -153,7 +153,7 @@ def causal_lm_dpo_loss(model, batch: dict, *, ref_model=None, ref_logps: torch.T
         raise ValueError("fastdpo: pass ref_model or ref_logps, not both")
     common = dict(temperature=temperature, ignore_index=ignore_index, backend=backend,
                   block_elements=block_elements, **batch)
-    pol = causal_lm_logprobs(model, input_ids, attention_mask, labels, return_stats=True, **common)
+    pol = causal_lm_logprobs(model, input_ids, attention_mask, labels, stats=True, **common)
     ref_tok = None
     if ref_model is not None:
         with torch.no_grad():
