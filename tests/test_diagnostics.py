@@ -1,0 +1,318 @@
+"""Training-dynamics diagnostics (``diagnostics=True``) against a direct full-logits autograd computation.
+
+The truth is computed here from the formulas, in float64, on the full ``[N, T, V]`` logits: log_softmax,
+sequence sums, the objective written out again, ``torch.autograd.grad`` for the per-pair weights and
+``.backward()`` to the logits for the gradient norms. fastdpo computes the same quantities from the fused
+pass's per-token outputs (log-probs and ``log sum p^2``) in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdpo
+from fastdpo import _backends
+from fastdpo.losses.diagnostics import PREFIX, Diagnostics
+
+V = 13
+BETA = 0.1
+KL0 = 0.3  # KTO reference point
+
+TRITON = _backends.unavailable_reason(_backends.Backend.TRITON, torch.device("cpu")) is None
+BACKENDS = ["torch", "cpu", pytest.param("triton", marks=[pytest.mark.skipif(not TRITON, reason="triton unavailable"),
+                                                   pytest.mark.filterwarnings("ignore::RuntimeWarning")])]
+
+
+def _data(n, T=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, T, V, generator=g) * 2
+    ref = logits + torch.randn(n, T, V, generator=g)
+    labels = torch.randint(0, V, (n, T), generator=g)
+    for i in range(n):  # prompt (ignored), responses of different lengths, padding (ignored)
+        labels[i, : 1 + i % 2] = -100
+        labels[i, 3 + (3 * i) % 4:] = -100
+    return logits, ref, labels
+
+
+# name -> (dpo_loss options, uses a reference, unpaired, the objective from (pol, ref, n, desirable), rewards)
+def _sig(z):
+    return -F.logsigmoid(z)
+
+
+def _pairs(x):
+    return x.chunk(2)
+
+
+def loss_sigmoid(pol, ref, n, d):
+    (w, l), (wr, lr) = _pairs(pol), _pairs(ref)
+    return _sig(BETA * ((w - wr) - (l - lr))).mean()
+
+
+def loss_ipo(pol, ref, n, d):
+    (w, l), (wr, lr), (nw, nl) = _pairs(pol), _pairs(ref), _pairs(n)
+    return (((w - wr) / nw - (l - lr) / nl) - 1 / (2 * BETA)) ** 2
+
+
+def loss_simpo(pol, ref, n, d, gamma=0.5):
+    (w, l), (nw, nl) = _pairs(pol), _pairs(n)
+    return _sig(BETA * (w / nw - l / nl) - gamma).mean()
+
+
+def loss_rdpo(pol, ref, n, d, eps=0.2):
+    (w, l), (wr, lr) = _pairs(pol), _pairs(ref)
+    z = BETA * ((w - wr) - (l - lr))
+    return ((-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)).mean()
+
+
+def loss_kto(pol, ref, n, d, dw=1.5, uw=0.7):
+    rho = pol - ref
+    return torch.where(d, dw * (1 - torch.sigmoid(BETA * (rho - KL0))), uw * (1 - torch.sigmoid(BETA * (KL0 - rho)))).mean()
+
+
+OBJECTIVES = {
+    "sigmoid": (dict(loss_type="sigmoid"), True, False, loss_sigmoid),
+    "ipo": (dict(loss_type="ipo"), True, False, lambda *a: loss_ipo(*a).mean()),
+    "simpo": (dict(loss_type="simpo"), False, False, loss_simpo),
+    "rdpo": (dict(loss_type="rdpo", label_smoothing=0.2), True, False, loss_rdpo),
+    "kto": (dict(loss_type="kto", kl=KL0, desirable_weight=1.5, undesirable_weight=0.7), True, True, loss_kto),
+}
+
+
+def _token_logps(x, labels, temperature=1.0, softcap=None):
+    s = softcap * torch.tanh(x / softcap) if softcap else x
+    lp = torch.log_softmax(s / temperature, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return lp * (labels != -100), s
+
+
+def _quantiles(x):
+    q = torch.quantile(x, torch.tensor([0.1, 0.9], dtype=x.dtype))
+    return x.mean(), q[0], q[1]
+
+
+def truth(name, logits, ref_logits, labels, desirable=None, temperature=1.0, softcap=None):
+    """Every diagnostic, from the full logits in float64 with autograd (``logits`` a float64 leaf or a
+    float64 function of leaves: the gradient norms are taken w.r.t. ``logits``, and w.r.t. the soft-capped
+    logits when ``softcap`` is set)."""
+    opts, uses_ref, unpaired, fn = OBJECTIVES[name]
+    N = labels.shape[0]
+    if unpaired and desirable is None:
+        desirable = torch.arange(N) < N // 2
+    tok, s = _token_logps(logits, labels, temperature, softcap)
+    s.retain_grad()
+    pol = tok.sum(1)
+    n = (labels != -100).sum(1).double()
+    ref = _token_logps(ref_logits.double(), labels, temperature, softcap)[0].sum(1) if uses_ref else None
+    loss = fn(pol, ref if uses_ref else torch.zeros_like(pol), n, desirable)
+    (g_pol,) = torch.autograd.grad(loss, pol, retain_graph=True)
+    if logits.is_leaf:
+        logits.grad = None
+    else:
+        logits.retain_grad()
+    loss.backward()
+    out = {}
+    if unpaired:
+        sign = torch.where(desirable, 1.0, -1.0).double()
+        w = -N * sign * g_pol
+        chosen, rejected = desirable, ~desirable
+    else:
+        w = -(N // 2) * g_pol[: N // 2]
+        chosen, rejected = torch.arange(N) < N // 2, torch.arange(N) >= N // 2
+    out["weight/mean"], out["weight/p10"], out["weight/p90"] = _quantiles(w)
+    out["weight/frac_small"] = (w < 0.01 * w.max()).double().mean()
+    # Differences of float32 sums (log-ratios, margins) carry the rounding of the sums: 1e-5 of their
+    # magnitude is allowed as absolute error there (e.g. two -15 log-probs agree to ~1e-6 in float32).
+    scale = {}
+    mag = (pol.abs() + (ref.abs() if uses_ref else 0)).detach()
+    rewards = BETA * (pol / n if name == "simpo" else pol - ref)
+    if chosen.sum() == rejected.sum():  # margins of the i-th chosen and i-th rejected response
+        margin = rewards[chosen] - rewards[rejected]
+        out["margin/mean"], out["margin/p10"], out["margin/p90"] = _quantiles(margin)
+        for q in ("mean", "p10", "p90"):
+            scale[f"margin/{q}"] = BETA * (mag / n if name == "simpo" else mag).max()
+    if uses_ref:
+        rho = pol - ref
+        for side, sel in (("chosen", chosen), ("rejected", rejected)):
+            out[f"logratio/{side}"] = rho[sel].mean()
+            out[f"logratio_per_token/{side}"] = rho[sel].sum() / n[sel].sum()
+            out[f"below_ref/{side}"] = (rho[sel] < 0).double().mean()
+            scale[f"logratio/{side}"] = mag[sel].mean()
+            scale[f"logratio_per_token/{side}"] = mag[sel].sum() / n[sel].sum()
+    grad = (s.grad if softcap else logits.grad).detach()
+    c, r = grad[chosen].norm(), grad[rejected].norm()
+    out.update({"grad_norm/chosen": c, "grad_norm/rejected": r, "grad_norm/total": grad.norm(),
+                "grad_norm/ratio": c / r})
+    want = {PREFIX + k: (v.detach(), float(scale.get(k, 0.0))) for k, v in out.items()}
+    return want, loss.detach(), w.detach()
+
+
+def check(out, want, rtol=1e-5):
+    got = {k: v for k, v in out.metrics.items() if k.startswith(PREFIX)}
+    assert set(got) == set(want), sorted(set(got) ^ set(want))
+    for k, (v, scale) in want.items():
+        torch.testing.assert_close(got[k].double(), v, rtol=rtol, atol=rtol * scale, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_dpo_loss_diagnostics_match_full_logits_autograd(name, backend):
+    opts, uses_ref, unpaired, _ = OBJECTIVES[name]
+    logits, ref, labels = _data(6, seed=len(name))
+    x = logits.clone().requires_grad_(True)
+    out = fastdpo.dpo_loss(x, labels, ref_logits=ref if uses_ref else None, beta=BETA, backend=backend,
+                           diagnostics=True, **opts)
+    want, loss, w = truth(name, logits.double().requires_grad_(True), ref, labels)
+    torch.testing.assert_close(out.loss.double(), loss, rtol=1e-5, atol=0.0)
+    check(out, want)
+    torch.testing.assert_close(out.diagnostics.weights.double(), w, rtol=1e-5, atol=0.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("strategy", ["recompute", "grad_in_forward"])
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_linear_dpo_loss_diagnostics_match_full_logits_autograd(name, strategy, backend):
+    """Through the fused-linear path the gradient norms are w.r.t. the logits the tiles hold."""
+    opts, uses_ref, unpaired, _ = OBJECTIVES[name]
+    g = torch.Generator().manual_seed(7)
+    n, T, H = 6, 7, 8
+    hidden = torch.randn(n, T, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * 0.7
+    bias = torch.randn(V, generator=g) * 0.1
+    ref_hidden = hidden + 0.3 * torch.randn(n, T, H, generator=g)
+    labels = _data(n, T, seed=3)[2]
+    h, w_, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+    out = fastdpo.linear_dpo_loss(h, w_, labels, bias=b, ref_hidden=ref_hidden if uses_ref else None, beta=BETA,
+                                  backend=backend, strategy=strategy, memory_budget=9 * V * 4, diagnostics=True,
+                                  **opts)
+    out.loss.backward()
+    h64 = hidden.double().requires_grad_(True)
+    logits = h64 @ weight.double().t() + bias.double()
+    ref_logits = ref_hidden.double() @ weight.double().t() + bias.double()
+    want, loss, _ = truth(name, logits, ref_logits, labels)
+    check(out, want)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-5, atol=1e-7)  # the loss gradient is unchanged
+
+
+def test_sigmoid_weight_is_beta_sigmoid_of_minus_beta_margin():
+    logits, ref, labels = _data(8, seed=1)
+    out = fastdpo.dpo_loss(logits, labels, ref_logits=ref, beta=0.3, diagnostics=True, backend="torch")
+    delta = (out.chosen_rewards - out.rejected_rewards) / 0.3
+    torch.testing.assert_close(out.diagnostics.weights, 0.3 * torch.sigmoid(-0.3 * delta), rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_kto_with_a_desirable_mask(backend):
+    logits, ref, labels = _data(5, seed=2)
+    desirable = torch.tensor([True, False, False, True, False])
+    opts = OBJECTIVES["kto"][0]
+    out = fastdpo.dpo_loss(logits, labels, ref_logits=ref, beta=BETA, backend=backend, desirable=desirable,
+                           diagnostics=True, **opts)
+    want, _, _ = truth("kto", logits.double().requires_grad_(True), ref, labels, desirable=desirable)
+    assert PREFIX + "margin/mean" not in want  # 2 desirable, 3 undesirable: no pairs, no margins
+    check(out, want)
+
+
+@pytest.mark.parametrize("temperature, softcap", [(0.7, None), (1.3, 5.0)])
+def test_temperature_and_softcap(temperature, softcap):
+    """1/T scales the norm exactly; with a soft cap the norm reported is w.r.t. the capped logits, an upper
+    bound of the norm w.r.t. the raw logits (d tanh <= 1)."""
+    g = torch.Generator().manual_seed(5)
+    n, T, H = 4, 7, 8
+    hidden, weight = torch.randn(n, T, H, generator=g), torch.randn(V, H, generator=g) * 2
+    ref_hidden = hidden + 0.3 * torch.randn(n, T, H, generator=g)
+    labels = _data(n, T, seed=6)[2]
+    out = fastdpo.linear_dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden, beta=BETA, backend="cpu",
+                                  temperature=temperature, softcap=softcap, logit_scale=1.5, diagnostics=True)
+    logits = (1.5 * hidden.double() @ weight.double().t()).requires_grad_(True)
+    ref_logits = 1.5 * ref_hidden.double() @ weight.double().t()
+    want, _, _ = truth("sigmoid", logits, ref_logits, labels, temperature=temperature, softcap=softcap)
+    check(out, want)
+    raw = logits.grad.norm()
+    if softcap:
+        assert raw < want[PREFIX + "grad_norm/total"][0] * (1 - 1e-3)  # strictly below: the cap bites here
+    else:
+        torch.testing.assert_close(raw, want[PREFIX + "grad_norm/total"][0], rtol=1e-12, atol=0.0)
+
+
+def test_no_grad_evaluation_gives_the_same_diagnostics():
+    logits, ref, labels = _data(6, seed=4)
+    x = logits.clone().requires_grad_(True)
+    a = fastdpo.dpo_loss(x, labels, ref_logits=ref, diagnostics=True, backend="cpu")
+    with torch.no_grad():
+        b = fastdpo.dpo_loss(x, labels, ref_logits=ref, diagnostics=True, backend="cpu")
+    assert not b.loss.requires_grad and not b.chosen_logps.requires_grad and not b.policy_logps.requires_grad
+    for k, v in a.metrics.items():
+        torch.testing.assert_close(b.metrics[k], v, rtol=0, atol=0, msg=k)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        fastdpo.dpo_loss(logits, labels, ref_logits=ref, diagnostics=True, backend="cpu")
+
+
+def test_diagnostics_change_neither_loss_nor_gradient_and_are_off_by_default():
+    logits, ref, labels = _data(6, seed=5)
+    grads, outs = [], []
+    for diag in (False, True):
+        x = logits.clone().requires_grad_(True)
+        out = fastdpo.dpo_loss(x, labels, ref_logits=ref, loss_type=["sigmoid", "sft"], diagnostics=diag,
+                               backend="cpu")
+        out.loss.backward()
+        grads.append(x.grad)
+        outs.append(out)
+    off, on = outs
+    assert off.diagnostics is None and not any(k.startswith(PREFIX) for k in off.metrics)
+    assert torch.equal(off.loss, on.loss.detach()) and torch.equal(grads[0], grads[1])
+    assert {k: v for k, v in on.metrics.items() if not k.startswith(PREFIX)}.keys() == off.metrics.keys()
+
+
+def test_module_forms_take_the_flag():
+    logits, ref, labels = _data(4, seed=6)
+    out = fastdpo.DPOLoss(loss_type="ipo", diagnostics=True, backend="torch")(logits, labels, ref_logits=ref)
+    assert out.diagnostics is not None and PREFIX + "weight/mean" in out.metrics
+    hidden, weight = torch.randn(4, 7, 8), torch.randn(V, 8)
+    out = fastdpo.LinearDPOLoss(loss_type="simpo", diagnostics=True)(hidden, weight, labels)
+    assert PREFIX + "grad_norm/ratio" in out.metrics and PREFIX + "logratio/chosen" not in out.metrics  # ref-free
+
+
+def test_bad_flag_is_refused_before_the_kernel_runs():
+    logits, ref, labels = _data(4)
+    with pytest.raises(TypeError, match="diagnostics must be True or False"):
+        fastdpo.dpo_loss(logits, labels, ref_logits=ref, diagnostics="yes")
+    with pytest.raises(TypeError, match="diagnostics must be True or False"):
+        fastdpo.linear_dpo_loss(torch.randn(4, 7, 8), torch.randn(V, 8), labels, diagnostics=1)
+
+
+def test_gathered_halves_equal_the_whole_batch():
+    """Two processes with half the pairs each, gathered, give the diagnostics of the whole batch (the
+    DDP-averaged gradient of the mean loss)."""
+    logits, ref, labels = _data(8, seed=8)
+    whole = fastdpo.dpo_loss(logits, labels, ref_logits=ref, diagnostics=True, backend="cpu")
+    parts = []
+    for half in (slice(0, 2), slice(2, 4)):
+        rows = torch.cat([torch.arange(8)[half], torch.arange(8)[half] + 4])
+        parts.append(fastdpo.dpo_loss(logits[rows], labels[rows], ref_logits=ref[rows], diagnostics=True,
+                                      backend="cpu").diagnostics)
+    fields = [f.name for f in dataclasses.fields(Diagnostics)]
+
+    def gather(x):  # as accelerator.gather: this process's tensor, concatenated with the other's
+        name = next(f for f in fields if getattr(parts[0], f) is x)
+        return torch.cat([getattr(p, name) for p in parts])
+
+    merged = parts[0].gathered(gather).summary()
+    for k, v in whole.metrics.items():
+        if k.startswith(PREFIX):
+            torch.testing.assert_close(merged[k], v, rtol=1e-5, atol=0.0, msg=k)
+
+
+def test_token_kl_objectives_report_the_log_prob_term():
+    """rrpo / tdpo: the KL term's logits gradient (p - q) is not in the norms (docs/diagnostics.md)."""
+    logits, ref, labels = _data(4, seed=9)
+    out = fastdpo.dpo_loss(logits, labels, ref_logits=ref, loss_type="rrpo", rrpo_alpha=0.5, diagnostics=True,
+                           backend="cpu")
+    x = logits.double().requires_grad_(True)
+    tok = _token_logps(x, labels)[0]
+    rtok = _token_logps(ref.double(), labels)[0]
+    pol, rr = tok.sum(1), rtok.sum(1)
+    loss_sigmoid(pol, rr, None, None).backward()  # the log-prob term of rrpo; its KL term has no log-prob
+    torch.testing.assert_close(out.metrics[PREFIX + "grad_norm/total"].double(), x.grad.norm(), rtol=1e-5, atol=0.0)
