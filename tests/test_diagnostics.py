@@ -199,3 +199,24 @@ def test_token_kl_objectives_report_the_log_prob_term():
     pol, rr = tok.sum(1), rtok.sum(1)
     loss_sigmoid(pol, rr, None, None).backward()  # the log-prob term of rrpo; its KL term has no log-prob
     torch.testing.assert_close(out.metrics[PREFIX + "grad_norm/total"].double(), x.grad.norm(), rtol=1e-5, atol=0.0)
+
+
+def test_benchmark_variant_runs_the_step_with_diagnostics_on(monkeypatch):
+    """``fastdpo-linear-cpu-diag`` (the benchmark row the overhead is read from) is the fused-linear step of
+    ``fastdpo-linear-cpu`` with diagnostics on."""
+    from fastdpo.bench.providers import PROVIDERS, Case
+
+    seen = []
+    real = fastdpo.linear_dpo_loss
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append((kwargs["diagnostics"], out.diagnostics is not None))
+        return out
+
+    monkeypatch.setattr(fastdpo, "linear_dpo_loss", spy)
+    case = Case(512, 300, "fp32", "fwd+bwd", H=16)
+    for name, want in (("fastdpo-linear-cpu-diag", True), ("fastdpo-linear-cpu", False)):
+        assert PROVIDERS[name].kind == ("variant" if want else "fastdpo")
+        PROVIDERS[name].build(case)()
+        assert seen.pop() == (want, want)
