@@ -220,3 +220,43 @@ def test_benchmark_variant_runs_the_step_with_diagnostics_on(monkeypatch):
         assert PROVIDERS[name].kind == ("variant" if want else "fastdpo")
         PROVIDERS[name].build(case)()
         assert seen.pop() == (want, want)
+
+
+_EVERY = {"kto": dict(kl=0.0), "exo_pair": dict(label_smoothing=1e-3), "plackett_luce": dict(num_responses=3),
+          "adpo": dict(num_responses=3), "tpo": {}}
+
+
+@pytest.mark.parametrize("name", fastdpo.available_losses())
+def test_every_objective(name):
+    """Every registered objective: the diagnostics are finite (the weight too: autograd, no per-loss formula),
+    the loss is unchanged, and the total gradient norm is the norm of the real logits gradient (objectives
+    with the token-level KL: of its log-prob term, checked in test_token_kl_objectives_report_the_log_prob_term)."""
+    spec = fastdpo.get_loss(name)
+    opts = _EVERY.get(name, {})
+    logits, ref, labels = _data(9 if name in ("plackett_luce", "adpo", "tpo") else 6, seed=11)
+    ref_logits = None if spec.reference == "unused" else ref
+    outs = []
+    for diag in (False, True):
+        x = logits.clone().requires_grad_(True)
+        out = fastdpo.dpo_loss(x, labels, ref_logits=ref_logits, loss_type=name, diagnostics=diag, backend="cpu",
+                               **opts)
+        out.loss.backward()
+        outs.append((out, x.grad))
+    (off, g_off), (on, g_on) = outs
+    assert torch.equal(off.loss, on.loss) and torch.equal(g_off, g_on)
+    d = {k: v for k, v in on.metrics.items() if k.startswith(PREFIX)}
+    assert (PREFIX + "logratio/chosen" in d) == (ref_logits is not None)
+    assert all(torch.isfinite(v) for k, v in d.items() if not k.endswith("grad_norm/ratio")), d
+    if not spec.token_kl:
+        torch.testing.assert_close(d[PREFIX + "grad_norm/total"], g_on.norm(), rtol=1e-5, atol=0.0)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_bco_running_mean_is_updated_once_per_call(grad):
+    """The loss is evaluated once with diagnostics on (a second evaluation would update the running mean twice)."""
+    logits, ref, labels = _data(6, seed=12)
+    loss = fastdpo.BCOLoss(diagnostics=True, backend="cpu")
+    with torch.set_grad_enabled(grad):
+        for _ in range(3):
+            loss(logits.clone().requires_grad_(grad), labels, ref_logits=ref)
+    assert loss.running.count.item() == 3
