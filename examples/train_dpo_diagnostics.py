@@ -26,13 +26,11 @@ import sys
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from trl import DPOConfig  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_dpo_trl import char_tokenizer  # noqa: E402
+from train_dpo_trl import char_tokenizer, tiny_llama  # noqa: E402
 
 from fastdpo.integrations.trl import FastDPOTrainer  # noqa: E402
 
@@ -58,12 +56,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     tokenizer = char_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.eos_token_id)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(tokenizer)
     ref_model = copy.deepcopy(model)
     split = near_identical_pairs(288).train_test_split(test_size=32, seed=0)
 

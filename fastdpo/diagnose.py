@@ -17,6 +17,7 @@ import math
 import re
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 D = "diagnostics/"
 CHOSEN, REJECTED, MARGIN, WEIGHT = "tab:green", "tab:red", "tab:blue", "tab:purple"
@@ -89,29 +90,24 @@ def _has(records, *keys) -> bool:
     return any(k in r or "eval_" + k in r for r in records for k in keys)
 
 
-def _zero(ax, y=0.0, label=None):
-    """The line where the sign (or the balance) changes, with its meaning as a legend entry."""
-    ax.axhline(y, color="0.25", lw=0.9, ls="--", zorder=1, label=label)
+class Line(NamedTuple):
+    what: object  # a metric key, or a derived series: fn(records, key prefix) -> (steps, values)
+    colour: str
+    label: str
+    scale: float = 1.0
+    ls: str = "-"
 
 
-def _line(ax, records, key, color, label, scale=1.0, **kw):
-    xs, ys = series(records, key, scale)
-    if xs:
-        ax.plot(xs, ys, color=color, label=label, **{"lw": 1.6, **kw})
-    ex, ey = series(records, "eval_" + key, scale)
-    if ex:  # evaluation: same colour, dotted with dots (one note for the whole figure, no legend entry)
-        ax.plot(ex, ey, color=color, ls=":", marker="o", ms=3.5, lw=1.0)
-
-
-def _band(ax, records, lo, hi, color, label):
-    (x1, y1), (x2, y2) = series(records, lo), series(records, hi)
-    if x1 and x1 == x2:
-        ax.fill_between(x1, y1, y2, color=color, alpha=0.18, lw=0, label=label)
-
-
-def _missing(ax, what):
-    ax.text(0.5, 0.5, f"no {what} in this log\n(train with FastDPOTrainer(..., fastdpo_diagnostics=True))",
-            ha="center", va="center", transform=ax.transAxes, fontsize=8, color="0.4")
+class Panel(NamedTuple):
+    title: str
+    ylabel: str
+    lines: tuple
+    needs: tuple = ()  # keys whose presence means the panel has data (default: the lines' keys)
+    band: tuple | None = None  # (low key, high key, colour, label): a percentile band
+    zero: tuple | None = None  # (y, meaning): where a sign or a balance changes
+    ylim: tuple | None = None
+    log: bool = False
+    legend: str = "best"
 
 
 def _share(records, prefix=""):
@@ -119,92 +115,83 @@ def _share(records, prefix=""):
     (xc, c), (xr, r) = series(records, prefix + D + "grad_norm/chosen"), series(records, prefix + D + "grad_norm/rejected")
     if xc != xr:
         return [], []
-    out = [100 * a * a / (a * a + b * b) if (a * a + b * b) > 0 else math.nan for a, b in zip(c, r)]
-    return xc, out
+    return xc, [100 * a * a / (a * a + b * b) if (a * a + b * b) > 0 else math.nan for a, b in zip(c, r)]
+
+
+PERCENT = (-3, 103)
+PANELS = (
+    Panel("implicit rewards and margin", "beta x log-ratio (nats)",
+          (Line("rewards/chosen", CHOSEN, "chosen"), Line("rewards/rejected", REJECTED, "rejected"),
+           Line("rewards/margins", MARGIN, "margin (chosen - rejected)")), needs=("rewards/chosen",),
+          band=(D + "margin/p10", D + "margin/p90", MARGIN, "margin, 10th-90th percentile"),
+          zero=(0.0, "0: the reference's")),
+    Panel("likelihood displacement: log-ratio to the reference", "log pi - log pi_ref (nats / token)",
+          (Line(D + "logratio_per_token/chosen", CHOSEN, "chosen"),
+           Line(D + "logratio_per_token/rejected", REJECTED, "rejected")),
+          zero=(0.0, "0: as likely as under the reference")),
+    Panel("share of the batch: displaced responses, negligible weights", "% of responses / pairs",
+          (Line(D + "below_ref/chosen", CHOSEN, "chosen below the reference", 100),
+           Line(D + "below_ref/rejected", REJECTED, "rejected below the reference", 100),
+           Line(D + "weight/frac_small", WEIGHT, "pairs with w < 1% of the batch max", 100, "--")),
+          ylim=PERCENT, legend="center left"),  # the middle of a 0-100% panel is usually empty
+    Panel("loss reweighting: per-pair weight w = -dL/d(log pi chosen)", "w (per nat of log-prob)",
+          (Line(D + "weight/mean", WEIGHT, "mean"),), band=(D + "weight/p10", D + "weight/p90", WEIGHT,
+                                                            "10th-90th percentile"),
+          zero=(0.0, "0: the pair no longer pushes")),
+    Panel("positive vs negative learning: logits-gradient norm", "||dL/dlogits|| (log scale)",
+          (Line(D + "grad_norm/chosen", CHOSEN, "chosen tokens (positive)"),
+           Line(D + "grad_norm/rejected", REJECTED, "rejected tokens (negative)")), log=True),
+    Panel("chosen share of the squared logits-gradient norm", "% chosen", (Line(_share, CHOSEN, "chosen share"),),
+          needs=(D + "grad_norm/chosen",), zero=(50.0, "50%: balanced (below: the rejected side dominates)"),
+          ylim=PERCENT),
+)
+
+
+def _get(records, what, prefix, scale):
+    return what(records, prefix) if callable(what) else series(records, prefix + what, scale)
+
+
+def _draw(ax, panel: Panel, records) -> None:
+    ax.set_title(panel.title, fontsize=10, loc="left")
+    ax.set_ylabel(panel.ylabel)
+    ax.grid(alpha=0.3)
+    needs = panel.needs or tuple(line.what for line in panel.lines)
+    if not _has(records, *needs):
+        hint = "\n(train with FastDPOTrainer(..., fastdpo_diagnostics=True))" if needs[0].startswith(D) else ""
+        ax.text(0.5, 0.5, f"no {needs[0].rsplit('/', 1)[0]}/* in this log{hint}", ha="center", va="center",
+                transform=ax.transAxes, fontsize=8, color="0.4")
+        return
+    if panel.band:
+        lo, hi, colour, label = panel.band
+        (x1, y1), (x2, y2) = series(records, lo), series(records, hi)
+        if x1 and x1 == x2:
+            ax.fill_between(x1, y1, y2, color=colour, alpha=0.18, lw=0, label=label)
+    for line in panel.lines:
+        xs, ys = _get(records, line.what, "", line.scale)
+        if xs:
+            ax.plot(xs, ys, color=line.colour, label=line.label, lw=1.6, ls=line.ls)
+        xs, ys = _get(records, line.what, "eval_", line.scale)
+        if xs:  # evaluation: same colour, dotted with dots (one note for the whole figure)
+            ax.plot(xs, ys, color=line.colour, ls=":", marker="o", ms=3.5, lw=1.0)
+    if panel.zero:
+        ax.axhline(panel.zero[0], color="0.25", lw=0.9, ls="--", zorder=1, label=panel.zero[1])
+    if panel.ylim:
+        ax.set_ylim(*panel.ylim)
+    if panel.log:
+        ax.set_yscale("log")
+    ax.legend(fontsize=7, loc=panel.legend, framealpha=0.85)
 
 
 def plot(records: list[dict], out: Path, title: str) -> list[str]:
-    """Draw the dynamics to ``out``; returns notes on what the log lacked."""
+    """Draw the dynamics to ``out`` (the panels of :data:`PANELS`); returns notes on what the log lacked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    notes = []
     fig, axes = plt.subplots(3, 2, figsize=(12, 9.5), sharex=True)
-    (ax_r, ax_d), (ax_b, ax_w), (ax_g, ax_s) = axes
-
-    ax_r.set_title("implicit rewards and margin", fontsize=10, loc="left")
-    if _has(records, "rewards/chosen"):
-        _band(ax_r, records, D + "margin/p10", D + "margin/p90", MARGIN, "margin, 10th-90th percentile")
-        _line(ax_r, records, "rewards/chosen", CHOSEN, "chosen")
-        _line(ax_r, records, "rewards/rejected", REJECTED, "rejected")
-        _line(ax_r, records, "rewards/margins", MARGIN, "margin (chosen - rejected)")
-        _zero(ax_r, label="0: the reference's")
-    else:
-        ax_r.text(0.5, 0.5, "no rewards/* in this log", ha="center", va="center", transform=ax_r.transAxes)
-        notes.append("no rewards/* metrics")
-    ax_r.set_ylabel("beta x log-ratio (nats)")
-
-    ax_d.set_title("likelihood displacement: log-ratio to the reference", fontsize=10, loc="left")
-    if _has(records, D + "logratio_per_token/chosen"):
-        _line(ax_d, records, D + "logratio_per_token/chosen", CHOSEN, "chosen")
-        _line(ax_d, records, D + "logratio_per_token/rejected", REJECTED, "rejected")
-        _zero(ax_d, label="0: as likely as under the reference")
-    else:
-        _missing(ax_d, "diagnostics/logratio_per_token/*")
-    ax_d.set_ylabel("log pi - log pi_ref (nats / token)")
-
-    ax_b.set_title("share of the batch: displaced responses, negligible weights", fontsize=10, loc="left")
-    if _has(records, D + "below_ref/chosen", D + "weight/frac_small"):
-        _line(ax_b, records, D + "below_ref/chosen", CHOSEN, "chosen below the reference", scale=100)
-        _line(ax_b, records, D + "below_ref/rejected", REJECTED, "rejected below the reference", scale=100)
-        _line(ax_b, records, D + "weight/frac_small", WEIGHT, "pairs with w < 1% of the batch max", scale=100,
-              ls="--")
-        ax_b.set_ylim(-3, 103)
-        ax_b.legend(fontsize=7, loc="center left", framealpha=0.85)  # the middle of a 0-100% panel is emptiest
-    else:
-        _missing(ax_b, "diagnostics/below_ref/*")
-    ax_b.set_ylabel("% of responses / pairs")
-
-    ax_w.set_title("loss reweighting: per-pair weight w = -dL/d(log pi chosen)", fontsize=10, loc="left")
-    if _has(records, D + "weight/mean"):
-        _band(ax_w, records, D + "weight/p10", D + "weight/p90", WEIGHT, "10th-90th percentile")
-        _line(ax_w, records, D + "weight/mean", WEIGHT, "mean")
-        _zero(ax_w, label="0: the pair no longer pushes")
-    else:
-        _missing(ax_w, "diagnostics/weight/*")
-    ax_w.set_ylabel("w (per nat of log-prob)")
-
-    ax_g.set_title("positive vs negative learning: logits-gradient norm", fontsize=10, loc="left")
-    if _has(records, D + "grad_norm/chosen"):
-        _line(ax_g, records, D + "grad_norm/chosen", CHOSEN, "chosen tokens (positive)")
-        _line(ax_g, records, D + "grad_norm/rejected", REJECTED, "rejected tokens (negative)")
-        ax_g.set_yscale("log")
-    else:
-        _missing(ax_g, "diagnostics/grad_norm/*")
-    ax_g.set_ylabel("||dL/dlogits|| (log scale)")
-
-    ax_s.set_title("chosen share of the squared logits-gradient norm", fontsize=10, loc="left")
-    if _has(records, D + "grad_norm/chosen"):
-        for prefix, style in (("", dict(lw=1.6, label="chosen share")), ("eval_", dict(ls=":", marker="o", ms=3.5,
-                                                                                          lw=1.0))):
-            xs, ys = _share(records, prefix)
-            if xs:
-                ax_s.plot(xs, ys, color=CHOSEN, **style)
-        _zero(ax_s, 50.0, label="50%: balanced (below: the rejected side dominates)")
-        ax_s.set_ylim(-3, 103)
-    else:
-        _missing(ax_s, "diagnostics/grad_norm/*")
-    ax_s.set_ylabel("% chosen")
-
-    if not _has(records, D + "weight/mean"):
-        notes.append("no diagnostics/* metrics: train with FastDPOTrainer(..., fastdpo_diagnostics=True) "
-                     "or log fastdpo.dpo_loss(..., diagnostics=True).metrics")
-    for ax in axes.flat:
-        ax.grid(alpha=0.3)
-        if ax.get_legend() is None and ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="best", framealpha=0.85)
+    for ax, panel in zip(axes.flat, PANELS):
+        _draw(ax, panel, records)
     for ax in axes[-1]:
         ax.set_xlabel("optimizer step")
     evals = any(k.startswith("eval_") for r in records for k in r)
@@ -212,6 +199,12 @@ def plot(records: list[dict], out: Path, title: str) -> list[str]:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+    notes = []
+    if not _has(records, "rewards/chosen"):
+        notes.append("no rewards/* metrics")
+    if not _has(records, D + "weight/mean"):
+        notes.append("no diagnostics/* metrics: train with FastDPOTrainer(..., fastdpo_diagnostics=True) "
+                     "or log fastdpo.dpo_loss(..., diagnostics=True).metrics")
     return notes
 
 

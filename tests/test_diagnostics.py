@@ -21,22 +21,11 @@ from fastdpo.losses.diagnostics import PREFIX, Diagnostics
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _diag_truth import BETA, OBJECTIVES, _token_logps, check, loss_sigmoid, truth  # noqa: E402
+from test_losses import V, _data  # noqa: E402  (logits, reference logits, labels with prompt and padding)
 
-V = 13
 TRITON = _backends.unavailable_reason(_backends.Backend.TRITON, torch.device("cpu")) is None
 BACKENDS = ["torch", "cpu", pytest.param("triton", marks=[pytest.mark.skipif(not TRITON, reason="triton unavailable"),
                                                    pytest.mark.filterwarnings("ignore::RuntimeWarning")])]
-
-
-def _data(n, T=7, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(n, T, V, generator=g) * 2
-    ref = logits + torch.randn(n, T, V, generator=g)
-    labels = torch.randint(0, V, (n, T), generator=g)
-    for i in range(n):  # prompt (ignored), responses of different lengths, padding (ignored)
-        labels[i, : 1 + i % 2] = -100
-        labels[i, 3 + (3 * i) % 4:] = -100
-    return logits, ref, labels
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -153,7 +142,7 @@ def test_module_forms_take_the_flag():
     logits, ref, labels = _data(4, seed=6)
     out = fastdpo.DPOLoss(loss_type="ipo", diagnostics=True, backend="torch")(logits, labels, ref_logits=ref)
     assert out.diagnostics is not None and PREFIX + "weight/mean" in out.metrics
-    hidden, weight = torch.randn(4, 7, 8), torch.randn(V, 8)
+    hidden, weight = torch.randn(*labels.shape, 8), torch.randn(V, 8)
     out = fastdpo.LinearDPOLoss(loss_type="simpo", diagnostics=True)(hidden, weight, labels)
     assert PREFIX + "grad_norm/ratio" in out.metrics and PREFIX + "logratio/chosen" not in out.metrics  # ref-free
 
@@ -163,7 +152,7 @@ def test_bad_flag_is_refused_before_the_kernel_runs():
     with pytest.raises(TypeError, match="diagnostics must be True or False"):
         fastdpo.dpo_loss(logits, labels, ref_logits=ref, diagnostics="yes")
     with pytest.raises(TypeError, match="diagnostics must be True or False"):
-        fastdpo.linear_dpo_loss(torch.randn(4, 7, 8), torch.randn(V, 8), labels, diagnostics=1)
+        fastdpo.linear_dpo_loss(torch.randn(*labels.shape, 8), torch.randn(V, 8), labels, diagnostics=1)
 
 
 def test_gathered_halves_equal_the_whole_batch():

@@ -14,11 +14,13 @@ import torch
 pytest.importorskip("trl")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from trl import DPOConfig, DPOTrainer  # noqa: E402
+from trl import DPOTrainer  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _diag_truth import truth  # noqa: E402
 from _tiny_lm import char_tokenizer, preference_dataset, tiny_llama  # noqa: E402
+from test_integrations_trl import STEPS  # noqa: E402
+from test_integrations_trl import _args as _trl_args  # noqa: E402
 
 from fastdpo.integrations.trl import FastDPOTrainer  # noqa: E402
 from fastdpo.losses.diagnostics import PREFIX  # noqa: E402
@@ -36,11 +38,8 @@ def setup():
     return tok, preference_dataset(8), tiny_llama(len(tok))
 
 
-def _args(tmp_path, name, **options):
-    return DPOConfig(
-        output_dir=str(tmp_path / name), per_device_train_batch_size=4, per_device_eval_batch_size=4, max_steps=2,
-        learning_rate=5e-2, logging_steps=1, report_to="none", save_strategy="no", dataloader_num_workers=0,
-        use_cpu=True, seed=0, max_length=24, bf16=False, gradient_checkpointing=False, disable_tqdm=True, **options)
+def _args(tmp_path, name):
+    return _trl_args(tmp_path, name, per_device_eval_batch_size=4)
 
 
 def _trainer(cls, setup, args, **kwargs):
@@ -59,7 +58,7 @@ def _logged(trainer):
 def test_without_diagnostics_the_logged_metrics_are_trls(setup, tmp_path):
     ref_steps, ref_eval = _logged(_trainer(DPOTrainer, setup, _args(tmp_path, "trl")))
     steps, ev = _logged(_trainer(FastDPOTrainer, setup, _args(tmp_path, "fast"), fastdpo_backend="cpu"))
-    assert len(steps) == len(ref_steps) == 2
+    assert len(steps) == len(ref_steps) == STEPS
     for a, b in zip(steps, ref_steps):
         assert a.keys() == b.keys()
     assert ev.keys() == ref_eval.keys()
