@@ -9,6 +9,7 @@ pass's per-token outputs (log-probs and ``log sum p^2``) in float32.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import sys
 
@@ -249,3 +250,51 @@ def test_bco_running_mean_is_updated_once_per_call(grad):
         for _ in range(3):
             loss(logits.clone().requires_grad_(grad), labels, ref_logits=ref)
     assert loss.running.count.item() == 3
+
+
+# ----------------------------------------------------------------------------- packed (padding-free) batches
+
+PACKED = "cu_seqlens" in inspect.signature(fastdpo.dpo_loss).parameters
+packed_only = pytest.mark.skipif(not PACKED, reason="packed batches (cu_seqlens=) are not in this build")
+
+
+def _pack(x, labels):
+    """Each sequence's rows up to its last scored token, concatenated, and flash-attention's cu_seqlens."""
+    lens = [int((labels[i] != -100).nonzero().max()) + 1 for i in range(labels.shape[0])]
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    return torch.cat([x[i, :n] for i, n in enumerate(lens)]), cu
+
+
+@packed_only
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_packed_dpo_loss_diagnostics_match_full_logits_autograd(name, backend):
+    opts, uses_ref, unpaired, _ = OBJECTIVES[name]
+    logits, ref, labels = _data(6, seed=len(name))
+    (px, cu), (pr, _), (py, _) = _pack(logits, labels), _pack(ref, labels), _pack(labels, labels)
+    out = fastdpo.dpo_loss(px.clone().requires_grad_(True), py, ref_logits=pr if uses_ref else None, cu_seqlens=cu,
+                           beta=BETA, backend=backend, diagnostics=True, **opts)
+    want, loss, w = truth(name, logits.double().requires_grad_(True), ref, labels)
+    check(out, want)
+    torch.testing.assert_close(out.diagnostics.weights.double(), w, rtol=1e-5, atol=0.0)
+
+
+@packed_only
+@pytest.mark.parametrize("strategy", ["recompute", "grad_in_forward"])
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_packed_linear_dpo_loss_diagnostics_match_full_logits_autograd(name, strategy):
+    opts, uses_ref, unpaired, _ = OBJECTIVES[name]
+    g = torch.Generator().manual_seed(7)
+    n, T, H = 6, 7, 8
+    hidden = torch.randn(n, T, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * 0.7
+    ref_hidden = hidden + 0.3 * torch.randn(n, T, H, generator=g)
+    labels = _data(n, T, seed=3)[2]
+    (ph, cu), (prh, _), (py, _) = _pack(hidden, labels), _pack(ref_hidden, labels), _pack(labels, labels)
+    out = fastdpo.linear_dpo_loss(ph, weight, py, ref_hidden=prh if uses_ref else None, cu_seqlens=cu, beta=BETA,
+                                  backend="cpu", strategy=strategy, memory_budget=9 * V * 4, diagnostics=True, **opts)
+    logits = (hidden.double() @ weight.double().t()).requires_grad_(True)
+    want, _, _ = truth(name, logits, ref_hidden.double() @ weight.double().t(), labels)
+    check(out, want)
