@@ -85,10 +85,11 @@ class FastChunkedLogProbFunction:
     ``chunk_size`` (TRL's vocabulary tile width) does not apply, since the kernel reads whole rows.
     """
 
-    def __init__(self, backend: str = "auto", block_elements: int = DEFAULT_BLOCK_ELEMENTS, extra_outputs=()):
+    extra_outputs: tuple = ()  # returned whatever TRL asks for (same kernel pass; FastDPOTrainer's diagnostics)
+
+    def __init__(self, backend: str = "auto", block_elements: int = DEFAULT_BLOCK_ELEMENTS):
         self.backend = backend
         self.block_elements = block_elements
-        self.extra_outputs = tuple(extra_outputs)  # returned whatever the caller asks for (same kernel pass)
 
     def apply(self, hidden, weight, bias, targets, temperature, chunk_size=None, final_logit_softcapping=None,
               logit_scale=1.0, outputs=OPTIONAL_OUTPUTS):
@@ -119,8 +120,8 @@ class patch_fused_lm_head:  # noqa: N801 - used like a function / context manage
     active, so it also applies to other threads.
     """
 
-    def __init__(self, backend: str = "auto", block_elements: int = DEFAULT_BLOCK_ELEMENTS, extra_outputs=()):
-        self.function = FastChunkedLogProbFunction(backend, block_elements, extra_outputs)
+    def __init__(self, backend: str = "auto", block_elements: int = DEFAULT_BLOCK_ELEMENTS):
+        self.function = FastChunkedLogProbFunction(backend, block_elements)
         with _patch_lock:
             self._previous = _trl_utils._ChunkedLogProbFunction
             _trl_utils._ChunkedLogProbFunction = self.function
@@ -245,7 +246,9 @@ class FastDPOTrainer(DPOTrainer):
         extra = ("log_sum_sq_probs",) if self.fastdpo_diagnostics else ()
         if is_fused_lm_head_patched() and set(extra) <= set(_trl_utils._ChunkedLogProbFunction.extra_outputs):
             return contextlib.nullcontext()
-        return patch_fused_lm_head(self.fastdpo_backend, extra_outputs=extra)
+        patch = patch_fused_lm_head(self.fastdpo_backend)
+        patch.function.extra_outputs = extra
+        return patch
 
     def compute_ref_log_probs(self, model, inputs):
         with self._fastdpo_head():
