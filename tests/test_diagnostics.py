@@ -298,3 +298,13 @@ def test_packed_linear_dpo_loss_diagnostics_match_full_logits_autograd(name, str
     logits = (hidden.double() @ weight.double().t()).requires_grad_(True)
     want, _, _ = truth(name, logits, ref_hidden.double() @ weight.double().t(), labels)
     check(out, want)
+
+
+def test_a_learnable_beta_keeps_its_gradient_when_the_logits_have_none():
+    logits, ref, labels = _data(4, seed=13)
+    grads = []
+    for diag in (False, True):
+        beta = torch.tensor(0.2, requires_grad=True)
+        fastdpo.dpo_loss(logits, labels, ref_logits=ref, beta=beta, diagnostics=diag, backend="cpu").loss.backward()
+        grads.append(beta.grad)
+    assert grads[0] is not None and torch.equal(grads[0], grads[1])

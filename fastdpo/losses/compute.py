@@ -63,9 +63,9 @@ def loss_from_tokens(tok: FusedLogprobs, layout, *, ref_logps, plan: LossPlan, l
         out, s = _evaluate(probe.tok, layout, **kw)
         out.diagnostics = _diagnostics.compute(probe.tok, s, layout, out.loss, out.chosen_rewards,
                                                out.rejected_rewards, temperature=temperature,
-                                               retain_graph=not probe.leaf)
+                                               retain_graph=not probe.detach_outputs)
     out.metrics.update(out.diagnostics.summary())
-    if probe.leaf:  # evaluated on a leaf copy only for the diagnostics: hand back what the caller's mode gives
+    if probe.detach_outputs:  # evaluated with a graph only for the diagnostics: hand back what no-grad mode gives
         for f in ("loss", "chosen_logps", "rejected_logps", "policy_logps"):
             setattr(out, f, getattr(out, f).detach())
     return out

@@ -50,7 +50,9 @@ class Probe:
 
     The tensor itself when it is already part of an autograd graph; otherwise (no grad mode,
     or log-probs without a graph) a detached leaf copy, with :meth:`context` turning grad mode on
-    for the one evaluation of the loss and :attr:`leaf` telling the caller to detach its outputs.
+    for the one evaluation of the loss; :attr:`detach_outputs` then tells the caller, in no grad
+    mode, to hand back detached outputs (under grad mode the loss keeps its graph to other inputs,
+    e.g. a learnable ``beta``).
     """
 
     def __init__(self, tok: FusedLogprobs):
@@ -59,6 +61,7 @@ class Probe:
                 "fastdpo: diagnostics=True differentiates the loss w.r.t. the per-token log-probs, which "
                 "torch.inference_mode() forbids; evaluate under torch.no_grad() instead")
         self.leaf = not (torch.is_grad_enabled() and tok.logps.requires_grad)
+        self.detach_outputs = not torch.is_grad_enabled()
         if self.leaf:
             tok = tok._replace(logps=tok.logps.detach().requires_grad_(),
                                kl=None if tok.kl is None else tok.kl.detach())
