@@ -308,3 +308,23 @@ def test_a_learnable_beta_keeps_its_gradient_when_the_logits_have_none():
         fastdpo.dpo_loss(logits, labels, ref_logits=ref, beta=beta, diagnostics=diag, backend="cpu").loss.backward()
         grads.append(beta.grad)
     assert grads[0] is not None and torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_gpu_backends_diagnostics_match_full_logits_autograd(name, backend):
+    """CUDA tensors at a realistic vocabulary (the truth in float64 on the CPU)."""
+    opts, uses_ref, unpaired, _ = OBJECTIVES[name]
+    g = torch.Generator().manual_seed(17)
+    n, T, vocab = 8, 64, 32000
+    logits = torch.randn(n, T, vocab, generator=g) * 2
+    ref = logits + torch.randn(n, T, vocab, generator=g) * 0.5
+    labels = torch.randint(0, vocab, (n, T), generator=g)
+    labels[:, :16] = -100
+    labels[::3, 48:] = -100
+    out = fastdpo.dpo_loss(logits.cuda().requires_grad_(True), labels.cuda(), ref_logits=ref.cuda() if uses_ref else None,
+                           beta=BETA, backend=backend, diagnostics=True, **opts)
+    out.metrics = {k: v.cpu() for k, v in out.metrics.items()}
+    want, _, _ = truth(name, logits.double().requires_grad_(True), ref, labels)
+    check(out, want)
