@@ -43,19 +43,24 @@ def test_dpo_loss_diagnostics_match_full_logits_autograd(name, backend):
     torch.testing.assert_close(out.diagnostics.weights.double(), w, rtol=1e-5, atol=0.0)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
-@pytest.mark.parametrize("strategy", ["recompute", "grad_in_forward"])
-@pytest.mark.parametrize("name", list(OBJECTIVES))
-def test_linear_dpo_loss_diagnostics_match_full_logits_autograd(name, strategy, backend):
-    """Through the fused-linear path the gradient norms are w.r.t. the logits the tiles hold."""
-    opts, uses_ref, unpaired, _ = OBJECTIVES[name]
+def _linear_batch():
+    """Hidden states, an LM head (weight, bias), reference hidden states and labels: 3 pairs of 7 tokens."""
     g = torch.Generator().manual_seed(7)
     n, T, H = 6, 7, 8
     hidden = torch.randn(n, T, H, generator=g)
     weight = torch.randn(V, H, generator=g) * 0.7
     bias = torch.randn(V, generator=g) * 0.1
     ref_hidden = hidden + 0.3 * torch.randn(n, T, H, generator=g)
-    labels = _data(n, T, seed=3)[2]
+    return hidden, weight, bias, ref_hidden, _data(n, T, seed=3)[2]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("strategy", ["recompute", "grad_in_forward"])
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_linear_dpo_loss_diagnostics_match_full_logits_autograd(name, strategy, backend):
+    """Through the fused-linear path the gradient norms are w.r.t. the logits the tiles hold."""
+    opts, uses_ref, unpaired, _ = OBJECTIVES[name]
+    hidden, weight, bias, ref_hidden, labels = _linear_batch()
     h, w_, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
     out = fastdpo.linear_dpo_loss(h, w_, labels, bias=b, ref_hidden=ref_hidden if uses_ref else None, beta=BETA,
                                   backend=backend, strategy=strategy, memory_budget=9 * V * 4, diagnostics=True,
@@ -286,17 +291,13 @@ def test_packed_dpo_loss_diagnostics_match_full_logits_autograd(name, backend):
 @pytest.mark.parametrize("name", list(OBJECTIVES))
 def test_packed_linear_dpo_loss_diagnostics_match_full_logits_autograd(name, strategy):
     opts, uses_ref, unpaired, _ = OBJECTIVES[name]
-    g = torch.Generator().manual_seed(7)
-    n, T, H = 6, 7, 8
-    hidden = torch.randn(n, T, H, generator=g)
-    weight = torch.randn(V, H, generator=g) * 0.7
-    ref_hidden = hidden + 0.3 * torch.randn(n, T, H, generator=g)
-    labels = _data(n, T, seed=3)[2]
+    hidden, weight, bias, ref_hidden, labels = _linear_batch()
     (ph, cu), (prh, _), (py, _) = _pack(hidden, labels), _pack(ref_hidden, labels), _pack(labels, labels)
-    out = fastdpo.linear_dpo_loss(ph, weight, py, ref_hidden=prh if uses_ref else None, cu_seqlens=cu, beta=BETA,
-                                  backend="cpu", strategy=strategy, memory_budget=9 * V * 4, diagnostics=True, **opts)
-    logits = (hidden.double() @ weight.double().t()).requires_grad_(True)
-    want, _, _ = truth(name, logits, ref_hidden.double() @ weight.double().t(), labels)
+    out = fastdpo.linear_dpo_loss(ph, weight, py, bias=bias, ref_hidden=prh if uses_ref else None, cu_seqlens=cu,
+                                  beta=BETA, backend="cpu", strategy=strategy, memory_budget=9 * V * 4,
+                                  diagnostics=True, **opts)
+    logits = (hidden.double() @ weight.double().t() + bias.double()).requires_grad_(True)
+    want, _, _ = truth(name, logits, ref_hidden.double() @ weight.double().t() + bias.double(), labels)
     check(out, want)
 
 
