@@ -31,6 +31,7 @@ from fastdpo.integrations import _losses, _trl_compat
 from fastdpo.integrations._linear import (DEFAULT_BLOCK_ELEMENTS, OPTIONAL_OUTPUTS, compute_dtype,
                                           linear_token_logprobs)
 from fastdpo.integrations._trl_compat import SUPPORTED_TRL, TESTED_TRL, TRLCompatibilityWarning
+from fastdpo.losses.diagnostics import PREFIX as DIAGNOSTICS_PREFIX
 from fastdpo.losses.registry import get_loss
 from fastdpo.ops import linear as _ops_linear
 from fastdpo.ops.schema import STAT_NAMES
@@ -84,6 +85,8 @@ class FastChunkedLogProbFunction:
     other than that parameter's default, raises naming it.
     """
 
+    extra_outputs: tuple = ()  # returned whatever TRL asks for (same kernel pass; FastDPOTrainer's diagnostics)
+
     def __init__(self, backend: str = "auto", block_elements: int = DEFAULT_BLOCK_ELEMENTS,
                  trl_params=_trl_compat.HEAD_PARAMS, unknown_defaults: dict | None = None):
         self.backend = backend
@@ -121,14 +124,15 @@ class FastChunkedLogProbFunction:
 
     def apply(self, *args, **kwargs):
         call = self._bind(args, kwargs)
+        call["outputs"] = tuple(call.get("outputs", OPTIONAL_OUTPUTS)) + self.extra_outputs
         pairing = getattr(self._local, "pairing", None)
         if pairing is not None:
             return pairing.head(self, call)
         return linear_token_logprobs(call["hidden"], call["weight"], call["targets"], bias=call.get("bias"),
                                      temperature=call["temperature"],
                                      softcap=call.get("final_logit_softcapping"),
-                                     logit_scale=call.get("logit_scale", 1.0),
-                                     outputs=call.get("outputs", OPTIONAL_OUTPUTS), ignore_index=-100,
+                                     logit_scale=call.get("logit_scale", 1.0), outputs=call["outputs"],
+                                     ignore_index=-100,
                                      backend=self.backend, block_elements=self.block_elements)
 
     @contextlib.contextmanager
@@ -429,7 +433,9 @@ class FastDPOTrainer(DPOTrainer):
 
     Same constructor and ``DPOConfig``; logs TRL's metrics under TRL's names. ``loss_type`` may name any
     objective of :func:`trainer_losses` (options in :class:`FastDPOConfig`). ``fastdpo_backend`` (keyword only,
-    default ``"auto"``) picks the kernel backend. Options it cannot honour raise a ValueError naming them.
+    default ``"auto"``) picks the kernel backend. ``fastdpo_diagnostics=True`` (keyword only) also logs the loss
+    library's training-dynamics diagnostics under ``diagnostics/...`` (docs/diagnostics.md), from the same kernel
+    pass. Options it cannot honour raise a ValueError naming them.
 
     One training step: :meth:`_token_outputs` (the forwards: per-token outputs) -> :meth:`_fastdpo_loss` (the
     loss library) -> :meth:`_log_fastdpo_metrics`.
@@ -443,9 +449,12 @@ class FastDPOTrainer(DPOTrainer):
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
                  optimizers=(None, None), quantization_config=None, peft_config=None, *,
-                 fastdpo_backend: str = "auto"):
+                 fastdpo_backend: str = "auto", fastdpo_diagnostics: bool = False):
         _check_config(args)
+        if not isinstance(fastdpo_diagnostics, bool):
+            raise TypeError(f"FastDPOTrainer: fastdpo_diagnostics must be True or False, got {fastdpo_diagnostics!r}")
         self.fastdpo_backend = fastdpo_backend
+        self.fastdpo_diagnostics = fastdpo_diagnostics
         plan = objective_plan(args) if args is not None else None
         # TRL runs the reference precompute pass inside its constructor, so the kernel is in place already
         with self._fastdpo_head(), (_trl_validation_of(args, plan) if plan else contextlib.nullcontext()):
@@ -465,9 +474,11 @@ class FastDPOTrainer(DPOTrainer):
     @contextlib.contextmanager
     def _fastdpo_head(self):
         """fastdpo's kernel behind TRL's fused LM head (unless already patched); yields the head function."""
+        # the diagnostics' gradient norms need log sum p^2, which TRL's head computes only for WPO
+        extra = ("log_sum_sq_probs",) if self.fastdpo_diagnostics else ()
         with contextlib.ExitStack() as stack:
-            if not is_fused_lm_head_patched():
-                stack.enter_context(patch_fused_lm_head(self.fastdpo_backend))
+            if not (is_fused_lm_head_patched() and set(extra) <= set(_trl_utils._ChunkedLogProbFunction.extra_outputs)):
+                stack.enter_context(patch_fused_lm_head(self.fastdpo_backend)).function.extra_outputs = extra
             yield _trl_utils._ChunkedLogProbFunction
 
     def compute_ref_log_probs(self, model, inputs):
@@ -530,7 +541,7 @@ class FastDPOTrainer(DPOTrainer):
         """The objective from the per-token outputs (fastdpo's loss library, as ``fastdpo.dpo_loss``)."""
         return _losses.loss_from_token_logprobs(tokens.logps, tokens.labels, ref_token_logps=tokens.ref_token_logps,
                                                 ref_logps=tokens.ref_logps, stats=tokens.stats, kl=tokens.kl,
-                                                **self._fastdpo_options)
+                                                diagnostics=self.fastdpo_diagnostics, **self._fastdpo_options)
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
@@ -542,6 +553,8 @@ class FastDPOTrainer(DPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         self._log_fastdpo_metrics(mode, inputs, out, tokens)
+        if self.fastdpo_diagnostics:
+            self._log_fastdpo_diagnostics(mode, out, tokens.model_outputs)
         if return_outputs:
             # as TRL: the logits handed to compute_metrics need a plain forward
             with torch.no_grad():
@@ -585,6 +598,17 @@ class FastDPOTrainer(DPOTrainer):
         m["rewards/margins"].append(acc.gather(cr - rr).mean().item())
         m["logps/chosen"].append(acc.gather(out.chosen_logps.detach()).mean().item())
         m["logps/rejected"].append(acc.gather(out.rejected_logps.detach()).mean().item())
-        for k, v in out.metrics.items():
-            if k not in self._TRL_METRICS and isinstance(v, torch.Tensor) and v.numel() == 1:
+        for k, v in out.metrics.items():  # the diagnostics are gathered by _log_fastdpo_diagnostics
+            if (k not in self._TRL_METRICS and not k.startswith(DIAGNOSTICS_PREFIX) and isinstance(v, torch.Tensor)
+                    and v.numel() == 1):
                 m[k].append(acc.gather_for_metrics(v.detach().float().reshape(1)).mean().item())
+
+    def _log_fastdpo_diagnostics(self, mode, out, outputs):
+        """The loss library's ``diagnostics/...`` metrics of the batch over all processes (per-pair values
+        gathered, gradient norms of the process-averaged gradient; docs/diagnostics.md)."""
+        if outputs.log_sum_sq_probs is None:
+            raise RuntimeError("FastDPOTrainer: fastdpo_diagnostics=True needs log_sum_sq_probs from the fused LM "
+                               "head, which the active head did not return")
+        summary = out.diagnostics.gathered(self.accelerator.gather).summary()
+        for k, v in zip(summary, torch.stack(list(summary.values())).tolist()):  # one device sync
+            self._metrics[mode][k].append(v)
