@@ -172,3 +172,15 @@ def test_token_kl_objective_projects_reference_in_the_policy_pass(setup, tmp_pat
     trainer = _run(setup, tmp_path, "rrpo", {"rrpo_alpha": 0.05})
     _check_run(trainer, setup)
     assert calls == [(True, True)] * STEPS
+
+
+@pytest.mark.parametrize("name", ["rrpo", "tdpo"])
+def test_token_kl_objective_under_bf16_autocast(name, setup, tmp_path):
+    """The paired head pass under ``bf16=True``: both heads form their logits in bf16, as the model's own
+    forward does under the same autocast, so the loss equals fastdpo.dpo_loss on the model's bf16 logits (measured:
+    within 1e-7 relative; the bound leaves room for the GEMMs' summation order)."""
+    trainer = _run(setup, tmp_path, name, LOSS_OPTIONS.get(name), bf16=True)
+    assert len(trainer.checked) == STEPS
+    for got, want, _ in trainer.checked:
+        assert math.isfinite(got)
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
