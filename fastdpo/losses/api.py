@@ -181,7 +181,7 @@ def linear_dpo_loss(
         not_separable = [sp.name for sp, _, _ in plan.terms if not sp.separable]
         with_kl = plan.kl_losses
         if not not_separable and not with_kl:
-            counts = (labels != ignore_index).sum(1).tolist()
+            counts = list(o.counts)  # read once on the host by linear.prepare
             chunks = linear.group_chunks(counts, groups(plan, n), weight.shape[0], hidden.element_size(),
                                          budget)
         if chunks is None and strategy == "grad_in_forward":

@@ -58,6 +58,16 @@ class TileOptions(NamedTuple):
     scale: float
     backend: str
     rows: int  # token rows per tile
+    counts: tuple[int, ...] = ()  # tokens that count per sequence (row of labels), read once on the host
+
+
+def counted_index(y: torch.Tensor, ignore_index: int, total: int) -> torch.Tensor:
+    """Flat indices of the ``total`` tokens of ``y [M]`` whose label is not ``ignore_index``, in order,
+    without a host synchronisation (the size is known; ``nonzero`` would read it from the device)."""
+    keep = y != ignore_index
+    if y.device.type == "cpu" or torch._C._dispatch_has_kernel_for_dispatch_key("aten::nonzero_static", "CUDA"):
+        return torch.nonzero_static(keep, size=total).squeeze(1)
+    return torch.nonzero(keep).squeeze(1)  # pragma: no cover - a torch without nonzero_static on CUDA
 
 
 def project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
@@ -273,7 +283,8 @@ def prepare(hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=No
     """Validate the inputs of the fused-linear path and fix its options.
 
     Returns ``(h [M, H], y [M], rh, ref_weight, ref_bias, idx, opts)``: flattened tokens, the
-    indices of the tokens that count (one device sync) and the tile options. With ``kl`` a tile
+    indices of the tokens that count and the tile options, whose ``counts`` (tokens that count per
+    row of ``labels``) are the one host synchronisation of the fused-linear path. With ``kl`` a tile
     holds policy and reference logits side by side, so it has half the rows.
     """
     if kl and ref_hidden is None:
@@ -299,8 +310,11 @@ def prepare(hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=No
             ref_weight, ref_bias = weight, bias
         ref_weight = ref_weight.detach()
         ref_bias = ref_bias.detach() if ref_bias is not None else None
-    idx = torch.nonzero(y != ignore_index).squeeze(1)
-    return h, y, ref_hidden, ref_weight, ref_bias, idx, TileOptions(ignore_index, temperature, softcap, logit_scale, backend, rows)
+    rows_of_labels = labels.reshape(labels.shape[:-1].numel(), labels.shape[-1]) if labels.dim() else labels.view(1, 1)
+    counts = tuple((rows_of_labels != ignore_index).sum(1).tolist())
+    idx = counted_index(y, ignore_index, sum(counts))
+    return h, y, ref_hidden, ref_weight, ref_bias, idx, TileOptions(ignore_index, temperature, softcap, logit_scale,
+                                                                    backend, rows, counts)
 
 
 def linear_token_logprobs(
@@ -400,13 +414,13 @@ def linear_grad_in_forward(h, weight, bias, y, rh, rw, rb, o: TileOptions, seq_l
     st = torch.zeros(M, NUM_STATS, dtype=acc, device=h.device)
     ref = torch.zeros_like(logp) if rh is not None else None
     grads = GradAccumulator(h, weight, bias, need_h, need_w, need_b)
-    mask = (y != o.ignore_index).view(N, seq_len)
-    # Token indices of every chunk with one device sync: sequences in chunk order, then split.
-    order = torch.tensor([s for c in chunks for s in c], device=h.device, dtype=torch.long)
-    tok = (order.unsqueeze(1) * seq_len + torch.arange(seq_len, device=h.device)).reshape(-1)
-    tok = tok[mask.index_select(0, order).reshape(-1)]
-    sizes = mask.sum(1).tolist()
-    chunk_tok = torch.split(tok, [sum(sizes[s] for s in c) for c in chunks])
+    # Token indices of every chunk from the counts read in prepare (no host sync): each sequence's
+    # tokens are a slice of the counted-token index, placed in chunk order.
+    idx = counted_index(y, o.ignore_index, sum(o.counts))
+    start = [0]
+    for c in o.counts:
+        start.append(start[-1] + c)
+    chunk_tok = [torch.cat([idx[start[s] : start[s + 1]] for s in c]) for c in chunks]
     rows = max((t.numel() for t in chunk_tok), default=0)
     buf = h.new_empty(rows, weight.shape[0]) if rows else None
     shape = (N, seq_len)
