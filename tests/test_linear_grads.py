@@ -6,8 +6,7 @@ tile) cannot pass for one of them: the fp32 ``[V, H]`` weight-gradient accumulat
 gradients in the parameters' dtypes (the weight's at most twice: the cast of the accumulator and the
 copy the gradient-in-forward strategy scales by the upstream gradient), hidden-shaped gradient rows,
 and on CPU in bf16/fp16 one transposed copy of the weight, made once per backward because CPU
-reduced-precision GEMMs are fast only in the ``A @ B.T`` layout (3x here without it, measured in
-docs/architecture.md).
+reduced-precision GEMMs are fast only in the ``A @ B.T`` layout (docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -158,8 +158,8 @@ class GradAccumulator:
         if extra is not None:
             x.add_(extra.to(x.dtype))
         if self.h is not None:
-            # CPU reduced-precision GEMMs are fast only in the "A @ B.T" layout (3x slower otherwise
-            # here), so that one is given the weight's transpose, copied once.
+            # CPU reduced-precision GEMMs are fast only in the "A @ B.T" layout (docs/architecture.md),
+            # so that one is given the weight's transpose, copied once per backward.
             nt = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
             if nt and self.wt is None:
                 self.wt = weight.t().contiguous()
