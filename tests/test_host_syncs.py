@@ -216,3 +216,42 @@ def test_linear_token_logprobs_makes_one_host_sync_per_call(gpu_path, backend):
                                             memory_budget=5 * w.shape[0] * 4, backend=backend)
         (out.logps.sum() + out.kl.sum()).backward()
     assert len(c.syncs) <= 1 and all("ops/linear.py" in s for s in c.syncs), c.syncs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+def test_gpu_logits_path_runs_with_synchronisation_errors_on(backend):
+    """On a GPU, torch's own sync checker (``set_sync_debug_mode("error")``) raises on any synchronising call."""
+    x, r, y = (t.cuda() for t in _logits_case(v=1000))
+    xl = x.clone().requires_grad_()
+    fastdpo.dpo_loss(xl, y, ref_logits=r, backend=backend).loss.backward()  # build / compile / autotune first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = fastdpo.dpo_loss(xl, y, ref_logits=r, backend=backend, use_weighting=True)
+        out.loss.backward()
+        fastdpo.fused_logprobs(xl, y, ref_logits=r, stats=True, kl=True, backend=backend).kl.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("strategy", ["recompute", "grad_in_forward"])
+def test_gpu_linear_dpo_loss_synchronises_once(backend, strategy):
+    import warnings
+
+    hid, w, b, y = (t.cuda() if t is not None else None for t in _linear_case(v=1000))
+    hid, w = hid.detach().requires_grad_(), w.detach().requires_grad_()
+    fastdpo.linear_dpo_loss(hid, w, y, ref_hidden=hid.detach(), strategy=strategy, backend=backend).loss.backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = fastdpo.linear_dpo_loss(hid, w, y, ref_hidden=hid.detach(), strategy=strategy, backend=backend)
+            out.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(c.message) for c in caught if "synchroniz" in str(c.message)]
+    assert len(syncs) <= 1, syncs
