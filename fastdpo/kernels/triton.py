@@ -49,14 +49,13 @@ def _define_ops():
     from torch.library import triton_op, wrap_triton
 
     from fastdpo.kernels import triton_logprobs as k
-    from fastdpo.ops import schema
 
-    def op(name, mutates_args, fake):
+    def op(name, mutates_args, same_as):
         if isinstance(k.logprobs_fwd_kernel, triton.runtime.JITFunction):
             return triton_op(name, mutates_args=mutates_args)
-        return _interpreter_op(name, mutates_args, fake)
+        return _interpreter_op(name, mutates_args, same_as)
 
-    @op("fastdpo::logprobs_fwd_triton", mutates_args=(), fake=schema.FAKE_KERNELS["logprobs_fwd"])
+    @op("fastdpo::logprobs_fwd_triton", mutates_args=(), same_as="logprobs_fwd")
     @on_input_device
     def fwd(logits: torch.Tensor, labels: torch.Tensor, ref_logits: Optional[torch.Tensor], ignore_index: int,
             temperature: float, softcap: float, stats: bool, kl: bool = False
@@ -101,7 +100,7 @@ def _define_ops():
             HAS_CAP=has_cap, HAS_KL=has_kl, num_warps=_warps(block),
         )
 
-    @op("fastdpo::logprobs_bwd_triton", mutates_args=(), fake=schema.FAKE_KERNELS["logprobs_bwd"])
+    @op("fastdpo::logprobs_bwd_triton", mutates_args=(), same_as="logprobs_bwd")
     def bwd(grad_logp: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
             ignore_index: int, temperature: float, softcap: float, grad_kl: Optional[torch.Tensor] = None,
             ref_logits: Optional[torch.Tensor] = None, ref_lse: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -110,7 +109,7 @@ def _define_ops():
                    ref_lse)
         return out
 
-    @op("fastdpo::logprobs_bwd_triton_", mutates_args=("logits",), fake=schema.FAKE_KERNELS["logprobs_bwd_"])
+    @op("fastdpo::logprobs_bwd_triton_", mutates_args=("logits",), same_as="logprobs_bwd_")
     def bwd_inplace(grad_logp: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                     ignore_index: int, temperature: float, softcap: float, grad_kl: Optional[torch.Tensor] = None,
                     ref_logits: Optional[torch.Tensor] = None, ref_lse: Optional[torch.Tensor] = None) -> None:
@@ -120,13 +119,14 @@ def _define_ops():
     return fwd, bwd, bwd_inplace
 
 
-def _interpreter_op(name, mutates_args, fake):
+def _interpreter_op(name, mutates_args, same_as):
     """Under TRITON_INTERPRET=1 the kernels are Python functions that torch.compile cannot trace into:
-    register the body as an opaque custom op with the op schema's fake kernel instead of a triton_op."""
+    register the body as an opaque custom op instead of a triton_op, whose fake kernel is that of the
+    ``fastdpo::`` op with the same contract (called on the fake tensors)."""
 
     def register(fn):
         custom = torch.library.custom_op(name, fn, mutates_args=mutates_args)
-        custom.register_fake(fake)
+        custom.register_fake(lambda *args, **kwargs: getattr(torch.ops.fastdpo, same_as)(*args, **kwargs))
         return custom
 
     return register

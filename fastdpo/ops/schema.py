@@ -92,8 +92,3 @@ def _linear_fwd_fake(hidden, weight, bias, labels, idx, ignore_index, temperatur
 def _linear_bwd_fake(grad_logp, hidden, weight, bias, labels, idx, lse, ignore_index, temperature, softcap, scale,
                      rows, grad_hidden, grad_weight, grad_bias):
     return None
-
-
-# By op name, for other ops with the same contract (the Triton ops under the interpreter).
-FAKE_KERNELS = {"logprobs_fwd": _logprobs_fwd_fake, "logprobs_bwd": _logprobs_bwd_fake,
-                "logprobs_bwd_": _logprobs_bwd_inplace_fake}
