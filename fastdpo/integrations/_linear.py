@@ -26,13 +26,6 @@ OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 _STAT = {name: i for i, name in enumerate(STAT_NAMES)}
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the LM head's logits are formed in: the autocast dtype while autocast is on for ``x``'s device
-    (as TRL's fused head and ``nn.Linear`` under autocast do), else ``x``'s own."""
-    t = x.device.type
-    return torch.get_autocast_dtype(t) if torch.is_autocast_enabled(t) else x.dtype
-
-
 def _gather_ctx(*params):
     """DeepSpeed ZeRO-3 gathering of a sharded LM head, when TRL provides it (a null context otherwise)."""
     try:
@@ -57,7 +50,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         device = hidden.device
         n, vocab = hidden.shape[0], weight.shape[0]
-        cd = compute_dtype(hidden)
+        cd = linear.compute_dtype(device, hidden.dtype)  # autocast's dtype, as F.linear
         o = linear.TileOptions(ignore_index, float(temperature), float(softcap) if softcap else 0.0,
                                float(logit_scale), _backends.resolve(backend, device).value,
                                max(1, block_elements // max(vocab, 1)))
@@ -69,9 +62,9 @@ class LinearLogprobsFunction(torch.autograd.Function):
         logp = torch.zeros(n, dtype=acc, device=device)
         lse = torch.zeros(n, dtype=acc, device=device)
         stats = torch.zeros(n, len(STAT_NAMES), dtype=acc, device=device) if want_stats else None
-        b = bias.to(cd) if bias is not None else None
-        with torch.no_grad():
-            linear.fold_rows(kern, hidden.to(cd), weight.to(cd), b, targets, idx, o, want_stats, logp, lse, stats)
+        with torch.no_grad(), linear.no_autocast(device):
+            linear.fold_rows(kern, *linear.cast(cd, hidden, weight, bias), targets, idx, o, want_stats, logp, lse,
+                             stats)
         logp = logp.float()
         entropy = stats[:, _STAT["entropy"]].float() if "entropy" in outputs else None
         lssp = stats[:, _STAT["log_sum_p2"]].float() if "log_sum_sq_probs" in outputs else None
@@ -88,16 +81,15 @@ class LinearLogprobsFunction(torch.autograd.Function):
         cd, o = ctx.args
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         kern = _backends.kernel_module(_backends.Backend(o.backend))
-        with _gather_ctx(weight, bias), torch.no_grad():
+        with _gather_ctx(weight, bias), torch.no_grad(), linear.no_autocast(hidden.device):
             # Each tile is projected again exactly as in forward (in ``cd``). Under autocast (``cd`` narrower than
             # the parameters) the tile's logits gradient and the two gradient GEMMs then run in the parameters'
             # dtype against the parameters themselves: nothing is rounded to ``cd`` but the recomputed logits
-            # (TRL rounds the logits gradient too; rounding the GEMM outputs as well cost accuracy).
-            h, w = hidden.to(cd), weight.to(cd)
-            b = bias.to(cd) if bias is not None else None
+            # (TRL rounds the logits gradient too; rounding the hidden-gradient GEMM's output as well cost accuracy).
+            h, w, b = linear.cast(cd, hidden, weight, bias)
             mixed = cd != hidden.dtype
-            gh_src, gw_src = (hidden, weight) if mixed else (h, w)
-            grads = linear.GradAccumulator(gh_src, gw_src, b if not mixed else bias, need_h, need_w, need_b)
+            gh_src, gw_src, gb_src = (hidden, weight, bias) if mixed else (h, w, b)
+            grads = linear.GradAccumulator(gh_src, gw_src, gb_src, need_h, need_w, need_b)
             g_lp = grad_logp.to(lse.dtype) if grad_logp is not None else torch.zeros_like(lse)
             n = idx.numel()
             # mixed: a cd tile and its fp32 copy in about the bytes of one cd tile of o.rows rows

@@ -28,8 +28,7 @@ from typing import Any
 import torch
 
 from fastdpo.integrations import _losses, _trl_compat
-from fastdpo.integrations._linear import (DEFAULT_BLOCK_ELEMENTS, OPTIONAL_OUTPUTS, compute_dtype,
-                                          linear_token_logprobs)
+from fastdpo.integrations._linear import DEFAULT_BLOCK_ELEMENTS, OPTIONAL_OUTPUTS, linear_token_logprobs
 from fastdpo.integrations._trl_compat import SUPPORTED_TRL, TESTED_TRL, TRLCompatibilityWarning
 from fastdpo.losses.diagnostics import PREFIX as DIAGNOSTICS_PREFIX
 from fastdpo.losses.registry import get_loss
@@ -189,12 +188,12 @@ class _ReferencePairing:
         if ry.shape != y.shape or not torch.equal(ry, y) or rtransform != transform:
             raise RuntimeError("fastdpo: the reference and policy fused-head calls of a token-KL objective must score "
                                "the same tokens with the same temperature / soft cap / logit scale")
-        cd = compute_dtype(h)  # under autocast both heads run in the autocast dtype, like the plain path
-        with torch.autocast(h.device.type, enabled=False):
-            tok = _ops_linear.linear_token_logprobs(
-                h.to(cd), w.to(cd), y, bias=b.to(cd) if b is not None else None, ref_hidden=rh.to(cd),
-                ref_weight=rw.to(cd), ref_bias=rb.to(cd) if rb is not None else None, temperature=transform[0],
-                softcap=transform[1], logit_scale=transform[2], stats=True, kl=True, backend=fn.backend)
+        # under autocast the fused-linear path forms both heads' logits in the autocast dtype, like the plain path
+        rh, = _ops_linear.cast(h.dtype, rh)
+        rw, rb = _ops_linear.cast(w.dtype, rw, rb)
+        tok = _ops_linear.linear_token_logprobs(h, w, y, bias=b, ref_hidden=rh, ref_weight=rw, ref_bias=rb,
+                                                temperature=transform[0], softcap=transform[1],
+                                                logit_scale=transform[2], stats=True, kl=True, backend=fn.backend)
         self.ref_logps, self.kl = tok.ref_logps, tok.kl
         st = tok.stats
         pick = {"entropy": st[:, _STAT["entropy"]], "log_sum_sq_probs": st[:, _STAT["log_sum_p2"]],
