@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -133,6 +134,7 @@ def cuda_library(build: bool = True) -> Path:
     return _build.build_extension("cuda") if build else Path()
 
 
+@functools.lru_cache(maxsize=8)  # a built library never changes (its cache entry is named by its sources)
 def cuda_kernels(lib: str | Path, arch: str = "sm_90") -> dict[str, dict]:
     """Demangled kernel name -> {"mangled", "instrs", "res" (resource usage), "threads" (launch bound)}."""
     text = sass.library_sass(lib, arch)
@@ -154,7 +156,7 @@ def cuda_rows(lib: str | Path | None = None, dtypes=("bf16", "fp16", "fp32"),
               variants: tuple[CudaVariant, ...] = CUDA_VARIANTS) -> list[Row]:
     """One row per (variant, element type) of the CUDA extension."""
     lib = cuda_library() if lib is None else lib
-    kernels = cuda_kernels(lib)
+    kernels = cuda_kernels(lib, "sm_90")
     rows = []
     for dt in dtypes:
         for v in variants:

@@ -186,8 +186,10 @@ FASTDPO_HD OnlineLSE<acc_t> lse_identity() {
 
 // Merge two partial states (associative; used across chunks, threads, warps).
 // An empty state (m == -inf, e.g. an all-masked chunk) is the identity, so no
-// inf - inf appears; NaN in either state propagates.
-template <typename acc_t>
+// inf - inf appears; NaN in either state propagates. kShiftSz: `sz` is relative to m
+// (the entropy's sum e (z - m)) and shifts when m moves; false for a sum that only rescales
+// (the KL's a: kl_merge).
+template <typename acc_t, bool kShiftSz = true>
 FASTDPO_HD OnlineLSE<acc_t> lse_merge(const OnlineLSE<acc_t>& a, const OnlineLSE<acc_t>& b) {
   if (a.m == -INFINITY) return b;
   if (b.m == -INFINITY) return a;
@@ -197,7 +199,7 @@ FASTDPO_HD OnlineLSE<acc_t> lse_merge(const OnlineLSE<acc_t>& a, const OnlineLSE
   const acc_t da = a.m - r.m, db = b.m - r.m;  // <= 0
   const acc_t fa = exp_nonpos(da), fb = exp_nonpos(db);
   r.s = a.s * fa + b.s * fb;
-  r.sz = fa * (a.sz + a.s * da) + fb * (b.sz + b.s * db);
+  r.sz = kShiftSz ? fa * (a.sz + a.s * da) + fb * (b.sz + b.s * db) : fa * a.sz + fb * b.sz;
   r.s2 = a.s2 * fa * fa + b.s2 * fb * fb;
   return r;
 }
@@ -238,19 +240,10 @@ FASTDPO_HD acc_t kl_value(acc_t a, acc_t s_r, acc_t m, acc_t log_s, acc_t m_r, a
   return a / s_r + (m - m_r) + (log_s - log_s_r);
 }
 
-// Merge of two KL states over the reference row: OnlineLSE whose `sz` holds `a` (no shift term).
+// Merge of two KL states over the reference row: OnlineLSE whose `sz` holds `a`.
 template <typename acc_t>
 FASTDPO_HD OnlineLSE<acc_t> kl_merge(const OnlineLSE<acc_t>& a, const OnlineLSE<acc_t>& b) {
-  if (a.m == -INFINITY) return b;
-  if (b.m == -INFINITY) return a;
-  OnlineLSE<acc_t> r;
-  r.m = a.m > b.m ? a.m : b.m;
-  if (a.m != a.m || b.m != b.m) r.m = a.m + b.m;  // NaN
-  const acc_t fa = exp_nonpos(a.m - r.m), fb = exp_nonpos(b.m - r.m);
-  r.s = a.s * fa + b.s * fb;
-  r.sz = a.sz * fa + b.sz * fb;
-  r.s2 = acc_t(0);
-  return r;
+  return lse_merge<acc_t, false>(a, b);
 }
 
 // d logp(y) / d x_v = g * (1[v == y] - exp(z_v - lse)) * ds/dx_v / T.
