@@ -13,7 +13,7 @@ import torch
 from fastdpo import _validation
 from fastdpo.losses.compute import DPOOutput, loss_from_tokens, run
 from fastdpo.losses.plan import check_batch, groups, make_plan
-from fastdpo.losses.sequences import PaddedLayout
+from fastdpo.losses.sequences import make_layout
 from fastdpo.ops import linear
 from fastdpo.ops.logprobs import FusedLogprobs, fused_logprobs
 from fastdpo.ops.vocab_parallel import vocab_parallel_logprobs
@@ -59,6 +59,8 @@ def dpo_loss(
     pair_weights: torch.Tensor | None = None,
     desirable: torch.Tensor | None = None,
     process_group=None,
+    cu_seqlens=None,
+    position_ids: torch.Tensor | None = None,
     **variant_options,
 ) -> DPOOutput:
     """DPO-family loss from policy logits in one fused pass over the vocabulary.
@@ -76,14 +78,26 @@ def dpo_loss(
         process_group: vocabulary-parallel: ``logits`` / ``ref_logits`` are this rank's vocabulary
             shard (see :func:`fastdpo.vocab_parallel_logprobs`); the loss and metrics are then the
             same on every rank and the gradient flows to the local shard.
+        cu_seqlens, position_ids: a packed (padding-free) batch: ``logits`` ``[N_total, V]`` (or
+            ``[1, N_total, V]``), ``labels`` ``[N_total]`` (or ``[1, N_total]``), the N sequences' tokens
+            end to end in the same order as the padded batch (``[chosen; rejected]``). Sequence k is
+            tokens ``cu_seqlens[k] : cu_seqlens[k+1]`` (``[N + 1]`` ints, flash-attention's convention),
+            or give transformers' ``position_ids`` (restarting at 0 at each sequence). See
+            :func:`fastdpo.losses.sequences.make_layout`.
 
     Returns:
         :class:`DPOOutput`.
     """
     _validation.check_float_tensor(logits, "logits")
-    if logits.dim() != 3:
-        raise ValueError(f"fastdpo: logits must be [N, T, V] (N sequences), got shape {tuple(logits.shape)}")
+    packed = cu_seqlens is not None or position_ids is not None
+    if packed and not (logits.dim() == 2 or (logits.dim() == 3 and logits.shape[0] == 1)):
+        raise ValueError(f"fastdpo: packed logits must be [N_total, V] or [1, N_total, V] (every sequence's tokens "
+                         f"in one row), got shape {tuple(logits.shape)}")
+    if not packed and logits.dim() != 3:
+        raise ValueError(f"fastdpo: logits must be [N, T, V] (N sequences), or [N_total, V] with cu_seqlens / "
+                         f"position_ids for a packed batch, got shape {tuple(logits.shape)}")
     _validation.check_labels(labels, logits)
+    layout = make_layout(labels, ignore_index, cu_seqlens=cu_seqlens, position_ids=position_ids, backend=backend)
 
     def tok_fn(kl: bool):
         if process_group is not None:
@@ -92,12 +106,12 @@ def dpo_loss(
         return fused_logprobs(logits, labels, ref_logits=ref_logits, ignore_index=ignore_index, stats=True, kl=kl,
                               backend=backend)
 
-    return run(tok_fn, labels, logits.shape[0], ref_logits is not None, ref_logps=ref_logps, loss_type=loss_type,
+    return run(tok_fn, labels, layout.num_seqs, ref_logits is not None, ref_logps=ref_logps, loss_type=loss_type,
                 beta=beta, label_smoothing=label_smoothing, loss_weights=loss_weights,
                 f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
                 ld_alpha=ld_alpha, use_weighting=use_weighting, discopop_tau=discopop_tau,
                 ignore_index=ignore_index, token_weights=token_weights, pair_weights=pair_weights,
-                desirable=desirable, variant_options=variant_options)
+                desirable=desirable, variant_options=variant_options, layout=layout)
 
 
 def linear_dpo_loss(
@@ -129,6 +143,8 @@ def linear_dpo_loss(
     logit_scale: float = 1.0,
     strategy: str = "auto",
     memory_budget: int | None = None,
+    cu_seqlens=None,
+    position_ids: torch.Tensor | None = None,
     **variant_options,
 ) -> DPOOutput:
     """DPO-family loss from the LM head's inputs, ``logits = logit_scale * (hidden @ weight.T + bias)``,
@@ -151,12 +167,19 @@ def linear_dpo_loss(
             needed, else recompute).
         memory_budget: bytes of logits held at once (default: ``$FASTDPO_LINEAR_BUDGET_MB``,
             else 1 GiB on GPUs, 2^24 logits on CPU: 64 MiB fp32, 32 MiB bf16).
+        cu_seqlens, position_ids: a packed batch, as in :func:`dpo_loss`: ``hidden`` ``[N_total, H]``
+            (or ``[1, N_total, H]``), ``labels`` ``[N_total]``; only the packed tokens are projected.
 
     Gradients flow to ``hidden``, ``weight`` and ``bias``, accumulated in fp32.
     """
     _validation.check_tensor(hidden, "hidden")
-    if hidden.dim() != 3:
-        raise ValueError(f"fastdpo: hidden must be [N, T, H] (N sequences), got shape {tuple(hidden.shape)}")
+    packed = cu_seqlens is not None or position_ids is not None
+    if packed and not (hidden.dim() == 2 or (hidden.dim() == 3 and hidden.shape[0] == 1)):
+        raise ValueError(f"fastdpo: packed hidden must be [N_total, H] or [1, N_total, H] (every sequence's tokens "
+                         f"in one row), got shape {tuple(hidden.shape)}")
+    if not packed and hidden.dim() != 3:
+        raise ValueError(f"fastdpo: hidden must be [N, T, H] (N sequences), or [N_total, H] with cu_seqlens / "
+                         f"position_ids for a packed batch, got shape {tuple(hidden.shape)}")
     if strategy not in linear.STRATEGIES:
         raise ValueError(f"fastdpo: unknown strategy {strategy!r}; expected one of {', '.join(linear.STRATEGIES)}")
     plan = make_plan(loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
@@ -166,11 +189,12 @@ def linear_dpo_loss(
         hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
         ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
         memory_budget=memory_budget, backend=backend, kl=plan.token_kl and ref_hidden is not None)
-    n, T = labels.shape
+    layout = make_layout(labels, ignore_index, cu_seqlens=cu_seqlens, position_ids=position_ids, backend=o.backend)
+    n, shape = layout.num_seqs, labels.shape
     check_batch(plan, n, desirable, ref_logps, ref_hidden is not None, pair_weights, token_weights, labels)
 
     def finish(tok: FusedLogprobs) -> DPOOutput:
-        return loss_from_tokens(tok, PaddedLayout(labels, ignore_index), ref_logps=ref_logps, plan=plan,
+        return loss_from_tokens(tok, layout, ref_logps=ref_logps, plan=plan,
                                 ld_alpha=ld_alpha, use_weighting=use_weighting, token_weights=token_weights,
                                 pair_weights=pair_weights, desirable=desirable)
 
@@ -181,9 +205,8 @@ def linear_dpo_loss(
         not_separable = [sp.name for sp, _, _ in plan.terms if not sp.separable]
         with_kl = plan.kl_losses
         if not not_separable and not with_kl:
-            counts = (labels != ignore_index).sum(1).tolist()
-            chunks = linear.group_chunks(counts, groups(plan, n), weight.shape[0], hidden.element_size(),
-                                         budget)
+            chunks = linear.chunk_tokens(idx, layout.offsets(), groups(plan, n), weight.shape[0],
+                                         hidden.element_size(), budget)
         if chunks is None and strategy == "grad_in_forward":
             why = (f"loss_type {not_separable} is not separable over pairs" if not_separable else
                    f"loss_type {with_kl} needs the token-level KL, whose gradient the recompute strategy forms"
@@ -193,10 +216,10 @@ def linear_dpo_loss(
     if chunks is None:
         logp, ref, st, kl = linear._LinearLogprobsFunction.apply(h, weight, bias, y, idx, rh, rw, rb, True, o,
                                                                  plan.token_kl)
-        return finish(FusedLogprobs(logp.view(n, T), ref.view(n, T) if rh is not None else None, st.view(n, T, -1),
-                                    kl.view(n, T) if plan.token_kl else None))
-    res = linear.linear_grad_in_forward(h, weight, bias, y, rh, rw, rb, o, T, chunks, lambda tok: finish(tok).loss,
-                                        *need)
+        return finish(FusedLogprobs(logp.view(shape), ref.view(shape) if rh is not None else None,
+                                    st.view(*shape, -1), kl.view(shape) if plan.token_kl else None))
+    res = linear.linear_grad_in_forward(h, weight, bias, y, rh, rw, rb, o, shape, chunks,
+                                        lambda tok: finish(tok).loss, *need)
     with torch.no_grad():
         out = finish(res.tokens)
     out.loss = linear.AttachGrads.apply(out.loss, (res.grad_hidden, res.grad_weight, res.grad_bias), h, weight, bias)

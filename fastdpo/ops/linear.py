@@ -381,11 +381,29 @@ def group_chunks(counts: list[int], groups: list[list[int]], V: int, elem: int, 
     return chunks
 
 
+def chunk_tokens(idx: torch.Tensor, offsets: torch.Tensor, groups: list[list[int]], V: int, elem: int,
+                 budget: int) -> list[torch.Tensor] | None:
+    """The counted tokens of each chunk of whole groups (:func:`group_chunks`) for the
+    gradient-in-forward strategy, on any token layout.
+
+    ``idx``: sorted indices of the counted tokens in the flattened tokens (from :func:`prepare`);
+    ``offsets [S + 1]``: where each sequence starts in the flattened tokens (padded rows or packed
+    ``cu_seqlens``). One device sync: the counted tokens per sequence. Returns one index tensor per
+    chunk (its sequences in chunk order), or None if one group alone does not fit ``budget``."""
+    bounds = torch.searchsorted(idx, offsets).tolist()  # sequence s counts idx[bounds[s]:bounds[s+1]]
+    counts = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    chunks = group_chunks(counts, groups, V, elem, budget)
+    if chunks is None:
+        return None
+    return [torch.cat([idx[bounds[s]:bounds[s + 1]] for s in c]) for c in chunks]
+
+
 @torch.no_grad()
-def linear_grad_in_forward(h, weight, bias, y, rh, rw, rb, o: TileOptions, seq_len: int, chunks: list[list[int]],
+def linear_grad_in_forward(h, weight, bias, y, rh, rw, rb, o: TileOptions, shape, chunk_tok: list[torch.Tensor],
                            coef_fn: Callable[[FusedLogprobs], torch.Tensor],
                            need_h: bool, need_w: bool, need_b: bool) -> GradInForward:
-    """Gradient-in-forward strategy over ``chunks`` (lists of sequence indices, whole groups each).
+    """Gradient-in-forward strategy over ``chunk_tok`` (the token indices of each chunk of whole
+    groups, from :func:`chunk_tokens`); ``shape``: the labels' token shape of the per-token outputs.
 
     For each chunk: fold the reference tile, fold the policy tile (kept in the buffer), call
     ``coef_fn(tokens)`` with the per-token outputs so far (later chunks hold zeros) to get
@@ -394,22 +412,13 @@ def linear_grad_in_forward(h, weight, bias, y, rh, rw, rb, o: TileOptions, seq_l
     """
     kern = _backends.kernel_module(Backend(o.backend))
     M = h.shape[0]
-    N = M // seq_len
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     logp = torch.zeros(M, dtype=acc, device=h.device)
     st = torch.zeros(M, NUM_STATS, dtype=acc, device=h.device)
     ref = torch.zeros_like(logp) if rh is not None else None
     grads = GradAccumulator(h, weight, bias, need_h, need_w, need_b)
-    mask = (y != o.ignore_index).view(N, seq_len)
-    # Token indices of every chunk with one device sync: sequences in chunk order, then split.
-    order = torch.tensor([s for c in chunks for s in c], device=h.device, dtype=torch.long)
-    tok = (order.unsqueeze(1) * seq_len + torch.arange(seq_len, device=h.device)).reshape(-1)
-    tok = tok[mask.index_select(0, order).reshape(-1)]
-    sizes = mask.sum(1).tolist()
-    chunk_tok = torch.split(tok, [sum(sizes[s] for s in c) for c in chunks])
     rows = max((t.numel() for t in chunk_tok), default=0)
     buf = h.new_empty(rows, weight.shape[0]) if rows else None
-    shape = (N, seq_len)
     for sel in chunk_tok:
         n = sel.numel()
         if n == 0:
