@@ -22,8 +22,10 @@ import threading
 
 import torch
 
-from fastdpo.integrations import _losses
+from fastdpo.integrations import _losses, _packing
 from fastdpo.integrations._linear import DEFAULT_BLOCK_ELEMENTS, OPTIONAL_OUTPUTS, linear_token_logprobs
+from fastdpo.losses.metrics import block_masks
+from fastdpo.losses.sequences import make_layout
 
 SUPPORTED_TRL = ">=1.15.0,<1.17"
 _MIN, _MAX = (1, 15, 0), (1, 17)
@@ -162,7 +164,7 @@ HONOURED_OPTIONS = {
     # model, data and training loop: TRL's own code, unchanged
     "learning_rate": "TRL", "model_init_kwargs": "TRL", "trust_remote_code": "TRL",
     "router_aux_loss_coef": "added to the loss as TRL does", "disable_dropout": "TRL", "dataset_num_proc": "TRL",
-    "max_length": "TRL", "truncation_mode": "TRL", "padding_free": "TRL (which currently falls back to padding)",
+    "max_length": "TRL", "truncation_mode": "TRL", "padding_free": "packed batches (fastdpo)",
     "pad_to_multiple_of": "TRL", "activation_offloading": "TRL", "pad_token": "TRL",
 }
 
@@ -214,6 +216,13 @@ class FastDPOTrainer(DPOTrainer):
 
     Same constructor and ``DPOConfig``; logs TRL's metrics under TRL's names. ``fastdpo_backend`` (keyword
     only, default ``"auto"``) picks the kernel backend. Options it cannot honour raise a ValueError naming them.
+
+    ``DPOConfig(padding_free=True)`` (which TRL itself turns into padding) trains on packed batches: each
+    batch's 2B sequences go end to end in one row with ``position_ids`` restarting at 0 per sequence
+    (:class:`~fastdpo.integrations._packing.DataCollatorForPackedPreference`), the model runs on that row
+    with no padding, the fused LM head scores its tokens and the loss library reduces them per sequence
+    (the same loss, metrics and gradients as the padded batch). The attention implementation must keep the
+    sequences apart (``sdpa``, ``eager``, ``flex_attention`` or flash-attention; others raise).
     """
 
     _tag_names = [*getattr(DPOTrainer, "_tag_names", []), "fastdpo"]
@@ -224,12 +233,25 @@ class FastDPOTrainer(DPOTrainer):
                  fastdpo_backend: str = "auto"):
         _check_config(args)
         self.fastdpo_backend = fastdpo_backend
+        packed = bool(args is not None and args.padding_free)
+        if packed:
+            if data_collator is not None:
+                raise ValueError("FastDPOTrainer(padding_free=True) packs batches with its own collator; leave "
+                                 "data_collator=None or set DPOConfig(padding_free=False)")
+            args.padding_free = False  # TRL would warn and pad; fastdpo packs instead (set back below)
         # TRL runs the reference precompute pass inside its constructor, so the kernel is in place already
-        with self._fastdpo_head():
-            super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
-                             train_dataset=train_dataset, eval_dataset=eval_dataset,
-                             processing_class=processing_class, compute_metrics=compute_metrics, callbacks=callbacks,
-                             optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config)
+        try:
+            with self._fastdpo_head():
+                super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
+                                 train_dataset=train_dataset, eval_dataset=eval_dataset,
+                                 processing_class=processing_class, compute_metrics=compute_metrics,
+                                 callbacks=callbacks, optimizers=optimizers,
+                                 quantization_config=quantization_config, peft_config=peft_config)
+        finally:
+            if packed:
+                args.padding_free = True
+        if packed:
+            self._setup_packing()
         _check_config(self.args)
         self._fastdpo_options = _loss_options(self.args)
 
@@ -255,6 +277,8 @@ class FastDPOTrainer(DPOTrainer):
         return ref_outputs.log_probs[:, -seq_len:]
 
     def _compute_loss(self, model, inputs, return_outputs):
+        if "cu_seqlens" in inputs:
+            return self._compute_packed_loss(model, inputs, return_outputs)
         mode = "train" if self.model.training else "eval"
         _non_model_keys = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
         model_kwargs = {k: v for k, v in inputs.items() if k not in _non_model_keys}
@@ -292,7 +316,7 @@ class FastDPOTrainer(DPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
-        self._log_fastdpo_metrics(mode, inputs, out, stats, shift_labels != -100)
+        self._log_fastdpo_metrics(mode, inputs, out, stats, make_layout(shift_labels, -100))
 
         if return_outputs:
             # as TRL: the logits handed to compute_metrics need a plain forward
@@ -300,14 +324,15 @@ class FastDPOTrainer(DPOTrainer):
                 outputs = model(**model_kwargs)
         return (loss, outputs) if return_outputs else loss
 
-    def _log_fastdpo_metrics(self, mode, inputs, out, stats, mask):
+    def _log_fastdpo_metrics(self, mode, inputs, out, stats, layout):
         """TRL's metrics under TRL's names, aggregated across processes as TRL does (token-weighted means of the
-        per-token statistics, means over all pairs of the per-pair values)."""
+        per-token statistics, means over all pairs of the per-pair values); ``layout``: the batch's token layout
+        (padded or packed)."""
         acc = self.accelerator
         m = self._metrics[mode]
-        mask = mask.to(stats.dtype)
-        chosen_mask, rejected_mask = mask.chunk(2, dim=0)
-        st_c, st_r = stats.chunk(2, dim=0)
+        chosen_mask, rejected_mask, mask = block_masks(layout, None, 2, stats.dtype)
+        stats = stats.reshape(*mask.shape, -1)
+        st_c = st_r = stats  # the block masks span the whole batch
 
         def ratio(num, den):
             num = acc.gather_for_metrics(num.detach()).sum()
@@ -316,7 +341,9 @@ class FastDPOTrainer(DPOTrainer):
 
         m["entropy"].append(ratio((stats[..., 0] * mask).sum(), mask.sum()))
         if mode == "train":
-            num_tokens = acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            tokens = (inputs["attention_mask"].sum() if "attention_mask" in inputs  # a packed row has no padding
+                      else torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device))
+            num_tokens = acc.gather_for_metrics(tokens).sum().item()
             self._total_train_tokens += num_tokens // self._tp_size
         m["num_tokens"] = [self._total_train_tokens]
         m["logits/chosen"].append(ratio((st_c[..., 2] * chosen_mask).sum(), chosen_mask.sum()))
@@ -329,3 +356,68 @@ class FastDPOTrainer(DPOTrainer):
         m["rewards/margins"].append(acc.gather(cr - rr).mean().item())
         m["logps/chosen"].append(acc.gather(out.chosen_logps.detach()).mean().item())
         m["logps/rejected"].append(acc.gather(out.rejected_logps.detach()).mean().item())
+
+    # ----------------------------------------------------------------------------------- packed batches
+
+    def _setup_packing(self):
+        """``padding_free=True``: check that the model keeps packed sequences apart and pack the batches."""
+        if self._is_vision_dataset:
+            raise ValueError("FastDPOTrainer(padding_free=True) packs text batches; vision-language datasets need "
+                             "DPOConfig(padding_free=False)")
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if is_peft_model(unwrapped) and unwrapped.active_peft_config.is_prompt_learning:
+            raise ValueError("FastDPOTrainer(padding_free=True): prompt-learning adapters prepend virtual tokens to "
+                             "each sequence, which a packed row cannot hold; set DPOConfig(padding_free=False)")
+        impl = _packing.check_packing_support(unwrapped)
+        self.padding_free = True
+        self._padded_collator = self.data_collator  # TRL's, for its reference precompute pass
+        self.data_collator = _packing.DataCollatorForPackedPreference(
+            max_length=self.args.max_length, truncation_mode=self.args.truncation_mode,
+            flash_attention_kwargs=impl in _packing.FLASH_ATTENTION)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # TRL's precompute pass (compute_ref_log_probs) reads padded batches: give it TRL's collator.
+        packed = getattr(self, "_padded_collator", None)
+        if packed is None:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        collator, self.data_collator = self.data_collator, packed
+        try:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        finally:
+            self.data_collator = collator
+
+    def _compute_packed_loss(self, model, inputs, return_outputs):
+        """``_compute_loss`` on a packed row: the model and the fused LM head run on the row's tokens only, the
+        loss library reduces them per sequence (``cu_seqlens``)."""
+        mode = "train" if self.model.training else "eval"
+        cu = inputs["cu_seqlens"]
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _packing.NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        if self.aux_loss_enabled:
+            model_kwargs["output_router_logits"] = True
+        labels = _packing.next_token_labels(inputs["input_ids"], inputs["completion_mask"], cu)
+        with self._fastdpo_head():
+            # shift_labels: scored as given (every position, its next token inside its own sequence)
+            outputs = model(**model_kwargs, shift_labels=labels, fused_lm_head=True)
+            ref_token_logps = ref_logps = None
+            if self.precompute_ref_logps:
+                ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).float()
+            else:
+                ref_token_logps = self._reference_token_logps({**model_kwargs, "shift_labels": labels}, None,
+                                                              labels.shape[1])
+        stats = _losses.stats_from_fields(
+            labels.shape, entropy=outputs.entropy, is_top1=outputs.is_top1, mean_logits=outputs.mean_logits,
+            log_sum_sq_probs=outputs.log_sum_sq_probs, device=labels.device)
+        out = _losses.loss_from_token_logprobs(
+            outputs.log_probs, labels, ref_token_logps=ref_token_logps, ref_logps=ref_logps, stats=stats,
+            cu_seqlens=cu, backend=self.fastdpo_backend, **self._fastdpo_options)
+        loss = out.loss
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+        self._log_fastdpo_metrics(mode, inputs, out, stats, make_layout(labels, -100, cu_seqlens=cu,
+                                                                        backend=self.fastdpo_backend))
+        if return_outputs:
+            with torch.no_grad():
+                outputs = model(**model_kwargs)
+        return (loss, outputs) if return_outputs else loss
