@@ -24,6 +24,7 @@ import torch
 
 from fastdpo.integrations import _losses, _packing
 from fastdpo.integrations._linear import DEFAULT_BLOCK_ELEMENTS, OPTIONAL_OUTPUTS, linear_token_logprobs
+from fastdpo.integrations._packing import DataCollatorForPackedPreference
 from fastdpo.losses.metrics import block_masks
 from fastdpo.losses.sequences import make_layout
 
@@ -66,7 +67,7 @@ from trl.trainer.utils import use_adapter  # noqa: E402
 
 
 __all__ = ["FastDPOTrainer", "FastChunkedLogProbFunction", "patch_fused_lm_head", "is_fused_lm_head_patched",
-           "check_trl_version",
+           "check_trl_version", "DataCollatorForPackedPreference",
            "SUPPORTED_TRL", "TRL_LOSS_TYPES"]
 
 TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -371,7 +372,7 @@ class FastDPOTrainer(DPOTrainer):
         impl = _packing.check_packing_support(unwrapped)
         self.padding_free = True
         self._padded_collator = self.data_collator  # TRL's, for its reference precompute pass
-        self.data_collator = _packing.DataCollatorForPackedPreference(
+        self.data_collator = DataCollatorForPackedPreference(
             max_length=self.args.max_length, truncation_mode=self.args.truncation_mode,
             flash_attention_kwargs=impl in _packing.FLASH_ATTENTION)
 
