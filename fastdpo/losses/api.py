@@ -38,6 +38,16 @@ _LOSS_DOC = """
 """
 
 
+def _check_token_dims(x: torch.Tensor, name: str, width: str, packed: bool) -> None:
+    """``[N, T, width]`` for a padded batch; ``[N_total, width]`` or ``[1, N_total, width]`` for a packed one."""
+    if packed and not (x.dim() == 2 or (x.dim() == 3 and x.shape[0] == 1)):
+        raise ValueError(f"fastdpo: packed {name} must be [N_total, {width}] or [1, N_total, {width}] (every "
+                         f"sequence's tokens in one row), got shape {tuple(x.shape)}")
+    if not packed and x.dim() != 3:
+        raise ValueError(f"fastdpo: {name} must be [N, T, {width}] (N sequences), or [N_total, {width}] with "
+                         f"cu_seqlens / position_ids for a packed batch, got shape {tuple(x.shape)}")
+
+
 def dpo_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -89,13 +99,7 @@ def dpo_loss(
         :class:`DPOOutput`.
     """
     _validation.check_float_tensor(logits, "logits")
-    packed = cu_seqlens is not None or position_ids is not None
-    if packed and not (logits.dim() == 2 or (logits.dim() == 3 and logits.shape[0] == 1)):
-        raise ValueError(f"fastdpo: packed logits must be [N_total, V] or [1, N_total, V] (every sequence's tokens "
-                         f"in one row), got shape {tuple(logits.shape)}")
-    if not packed and logits.dim() != 3:
-        raise ValueError(f"fastdpo: logits must be [N, T, V] (N sequences), or [N_total, V] with cu_seqlens / "
-                         f"position_ids for a packed batch, got shape {tuple(logits.shape)}")
+    _check_token_dims(logits, "logits", "V", cu_seqlens is not None or position_ids is not None)
     _validation.check_labels(labels, logits)
     layout = make_layout(labels, ignore_index, cu_seqlens=cu_seqlens, position_ids=position_ids, backend=backend)
 
@@ -173,13 +177,7 @@ def linear_dpo_loss(
     Gradients flow to ``hidden``, ``weight`` and ``bias``, accumulated in fp32.
     """
     _validation.check_tensor(hidden, "hidden")
-    packed = cu_seqlens is not None or position_ids is not None
-    if packed and not (hidden.dim() == 2 or (hidden.dim() == 3 and hidden.shape[0] == 1)):
-        raise ValueError(f"fastdpo: packed hidden must be [N_total, H] or [1, N_total, H] (every sequence's tokens "
-                         f"in one row), got shape {tuple(hidden.shape)}")
-    if not packed and hidden.dim() != 3:
-        raise ValueError(f"fastdpo: hidden must be [N, T, H] (N sequences), or [N_total, H] with cu_seqlens / "
-                         f"position_ids for a packed batch, got shape {tuple(hidden.shape)}")
+    _check_token_dims(hidden, "hidden", "H", cu_seqlens is not None or position_ids is not None)
     if strategy not in linear.STRATEGIES:
         raise ValueError(f"fastdpo: unknown strategy {strategy!r}; expected one of {', '.join(linear.STRATEGIES)}")
     plan = make_plan(loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
