@@ -245,6 +245,28 @@ def test_bf16_packed_within_the_padded_bounds(name, backend):
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)  # the same per-token coefficients
 
 
+@pytest.mark.parametrize("strategy", ["recompute", "grad_in_forward"])
+def test_linear_bf16_packed_within_the_padded_bounds(strategy):
+    hid, ref_hid, y, _, lengths = _padded(6, seed=13, H=8, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    weight = (torch.randn(V, 8, generator=g) * 0.5).bfloat16()
+    runs = []  # bf16 padded, bf16 packed, float64 truth on the same (bf16-rounded) inputs
+    for dtype, packed in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float64, False)):
+        def f(t):
+            return _pack(t, lengths) if packed else t
+        h, w = (t.detach().to(dtype).clone().requires_grad_() for t in (f(hid), weight))
+        out = L.linear_dpo_loss(h, w, f(y), ref_hidden=f(ref_hid).to(dtype), loss_type="ipo", strategy=strategy,
+                                backend="cpu" if dtype != torch.float64 else "torch", memory_budget=24 * V * 8,
+                                cu_seqlens=_cu(lengths) if packed else None)
+        out.loss.backward()
+        runs.append((out.loss.double(), (h.grad if packed else _pack(h.grad, lengths)).double(), w.grad.double()))
+    (pl, ph, pw), (kl, kh, kw), (tl, th, tw) = runs
+    assert (pw - tw).abs().max() > 0  # bf16 rounding is there to bound
+    assert (kl - tl).abs() <= 1.01 * (pl - tl).abs() + 1e-6
+    for got, pad, truth in ((kh, ph, th), (kw, pw, tw)):
+        assert (got - truth).abs().max() <= 1.05 * (pad - truth).abs().max() + 1e-6
+
+
 def test_packed_is_deterministic_and_fused_logprobs_are_per_token():
     x, r, y, _, lengths = _padded(6, T=40, seed=4)
     xp, rp, yp = (_pack(t, lengths) for t in (x, r, y))
