@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from fastdpo.losses.sequences import host_to_device
+
 # Attention implementations that honour packed position_ids in transformers (see the module docstring).
 MASKED_ATTENTION = ("sdpa", "eager", "flex_attention")
 FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
@@ -95,7 +97,7 @@ def next_token_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor, cu
     per-token outputs line up with ``cu_seqlens``."""
     nxt = torch.roll(input_ids, -1, dims=-1)
     labels = torch.where(torch.roll(completion_mask, -1, dims=-1) != 0, nxt, -100)
-    last = torch.tensor([c - 1 for c in cu_seqlens[1:]], dtype=torch.long).to(labels.device, non_blocking=True)
+    last = host_to_device([c - 1 for c in cu_seqlens[1:]], labels.device)
     return labels.index_fill(-1, last, -100)
 
 

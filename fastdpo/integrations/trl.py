@@ -239,6 +239,8 @@ class FastDPOTrainer(DPOTrainer):
             if data_collator is not None:
                 raise ValueError("FastDPOTrainer(padding_free=True) packs batches with its own collator; leave "
                                  "data_collator=None or set DPOConfig(padding_free=False)")
+            if isinstance(model, torch.nn.Module):
+                _packing.check_packing_support(model)  # before TRL's constructor does its work
             args.padding_free = False  # TRL would warn and pad; fastdpo packs instead (set back below)
         # TRL runs the reference precompute pass inside its constructor, so the kernel is in place already
         try:
@@ -378,10 +380,10 @@ class FastDPOTrainer(DPOTrainer):
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         # TRL's precompute pass (compute_ref_log_probs) reads padded batches: give it TRL's collator.
-        packed = getattr(self, "_padded_collator", None)
-        if packed is None:
+        padded = getattr(self, "_padded_collator", None)
+        if padded is None:
             return super()._precompute_ref_logps(dataset, name, batch_size)
-        collator, self.data_collator = self.data_collator, packed
+        collator, self.data_collator = self.data_collator, padded
         try:
             return super()._precompute_ref_logps(dataset, name, batch_size)
         finally:

@@ -90,10 +90,18 @@ class PackedLayout:
         return self._offsets
 
 
+def host_to_device(values: list[int], device) -> torch.Tensor:
+    """An int64 tensor of host ints on ``device`` without a device sync: on a GPU through pinned memory and a
+    non-blocking copy (the pinned buffer is held until the copy has run)."""
+    t = torch.tensor(values, dtype=torch.long)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _device_index(cu: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
     """``cu_seqlens`` on ``device`` and each token's sequence index, without a device sync."""
-    # From pageable host memory without waiting for the stream (the copy is staged at once).
-    offsets = torch.tensor(cu, dtype=torch.long).to(device, non_blocking=True)
+    offsets = host_to_device(cu, device)
     seq_index = torch.repeat_interleave(torch.arange(len(cu) - 1, device=device), offsets.diff(), output_size=cu[-1])
     return offsets, seq_index
 
