@@ -82,11 +82,10 @@ def _record_inputs(monkeypatch, model):
 CONFIGS = {
     "sigmoid": dict(loss_type="sigmoid"),
     "ipo": dict(loss_type="ipo", beta=0.5),
-    "multi": dict(loss_type=["sigmoid", "sft", "bco_pair"], loss_weights=[0.8, 0.2, 1.0]),
+    "multi": dict(loss_type=["sigmoid", "sft", "bco_pair"], loss_weights=[0.8, 0.2, 1.0], max_length=9),
     "ld_alpha": dict(loss_type="sigmoid", ld_alpha=0.5),
     "use_weighting": dict(loss_type="sigmoid", use_weighting=True),
     "precompute": dict(loss_type="sigmoid", precompute_ref_log_probs=True),
-    "truncated": dict(loss_type="sigmoid", max_length=9),
     "keep_end": dict(loss_type="robust", label_smoothing=0.1, max_length=9, truncation_mode="keep_end"),
 }
 CASES = [("llama", n) for n in CONFIGS] + [("qwen2", "sigmoid"), ("qwen2", "ipo")]
