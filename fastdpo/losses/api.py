@@ -12,6 +12,7 @@ import torch
 
 from fastdpo import _validation
 from fastdpo.losses.compute import DPOOutput, loss_from_tokens, run
+from fastdpo.losses.diagnostics import check_flag
 from fastdpo.losses.plan import check_batch, groups, make_plan
 from fastdpo.losses.sequences import make_layout
 from fastdpo.ops import linear
@@ -34,6 +35,9 @@ _LOSS_DOC = """
         token_weights: per-token weights shaped like ``labels`` inside every sequence sum.
         pair_weights: per-pair weights multiplying the per-pair loss (Sem-DPO style).
         desirable: bool ``[N]`` for unpaired losses (kto, bco); default ``[True]*N/2 + [False]*N/2``.
+        diagnostics: also compute the training-dynamics diagnostics (likelihood displacement, loss
+            reweighting, chosen / rejected logits-gradient norms, margins) from the same pass, in
+            ``metrics`` under ``diagnostics/...`` and as ``DPOOutput.diagnostics`` (docs/diagnostics.md).
         **variant_options: options of the chosen loss type(s) (see their docstrings).
 """
 
@@ -69,6 +73,7 @@ def dpo_loss(
     pair_weights: torch.Tensor | None = None,
     desirable: torch.Tensor | None = None,
     process_group=None,
+    diagnostics: bool = False,
     cu_seqlens=None,
     position_ids: torch.Tensor | None = None,
     **variant_options,
@@ -115,7 +120,7 @@ def dpo_loss(
                 f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
                 ld_alpha=ld_alpha, use_weighting=use_weighting, discopop_tau=discopop_tau,
                 ignore_index=ignore_index, token_weights=token_weights, pair_weights=pair_weights,
-                desirable=desirable, variant_options=variant_options, layout=layout)
+                desirable=desirable, variant_options=variant_options, diagnostics=diagnostics, layout=layout)
 
 
 def linear_dpo_loss(
@@ -147,6 +152,7 @@ def linear_dpo_loss(
     logit_scale: float = 1.0,
     strategy: str = "auto",
     memory_budget: int | None = None,
+    diagnostics: bool = False,
     cu_seqlens=None,
     position_ids: torch.Tensor | None = None,
     **variant_options,
@@ -171,6 +177,8 @@ def linear_dpo_loss(
             needed, else recompute).
         memory_budget: bytes of logits held at once (default: ``$FASTDPO_LINEAR_BUDGET_MB``,
             else 1 GiB on GPUs, 2^24 logits on CPU: 64 MiB fp32, 32 MiB bf16).
+        diagnostics: as for :func:`dpo_loss`; the gradient norms are those w.r.t. the logits
+            ``logit_scale * (hidden @ weight.T + bias)`` the tiles hold, not w.r.t. ``hidden``.
         cu_seqlens, position_ids: a packed batch, as in :func:`dpo_loss`: ``hidden`` ``[N_total, H]``
             (or ``[1, N_total, H]``), ``labels`` ``[N_total]``; only the packed tokens are projected.
 
@@ -183,6 +191,7 @@ def linear_dpo_loss(
     plan = make_plan(loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
                      ld_alpha, use_weighting, discopop_tau, variant_options)
     _validation.check_int(ignore_index, "ignore_index")
+    check_flag(diagnostics)
     h, y, rh, rw, rb, idx, o = linear.prepare(
         hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
         ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
@@ -191,10 +200,11 @@ def linear_dpo_loss(
     n, shape = layout.num_seqs, labels.shape
     check_batch(plan, n, desirable, ref_logps, ref_hidden is not None, pair_weights, token_weights, labels)
 
-    def finish(tok: FusedLogprobs) -> DPOOutput:
+    def finish(tok: FusedLogprobs, diagnose: bool = False) -> DPOOutput:
         return loss_from_tokens(tok, layout, ref_logps=ref_logps, plan=plan,
                                 ld_alpha=ld_alpha, use_weighting=use_weighting, token_weights=token_weights,
-                                pair_weights=pair_weights, desirable=desirable)
+                                pair_weights=pair_weights, desirable=desirable, diagnostics=diagnose,
+                                temperature=o.temperature)
 
     need = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     chunks = None
@@ -215,11 +225,11 @@ def linear_dpo_loss(
         logp, ref, st, kl = linear._LinearLogprobsFunction.apply(h, weight, bias, y, idx, rh, rw, rb, True, o,
                                                                  plan.token_kl)
         return finish(FusedLogprobs(logp.view(shape), ref.view(shape) if rh is not None else None,
-                                    st.view(*shape, -1), kl.view(shape) if plan.token_kl else None))
+                                    st.view(*shape, -1), kl.view(shape) if plan.token_kl else None), diagnostics)
     res = linear.linear_grad_in_forward(h, weight, bias, y, rh, rw, rb, o, shape, chunks,
                                         lambda tok: finish(tok).loss, *need)
     with torch.no_grad():
-        out = finish(res.tokens)
+        out = finish(res.tokens, diagnostics)
     out.loss = linear.AttachGrads.apply(out.loss, (res.grad_hidden, res.grad_weight, res.grad_bias), h, weight, bias)
     return out
 
