@@ -194,8 +194,9 @@ def test_linear_dpo_loss_packed_equals_padded(name, strategy, backend):
 
 
 def test_linear_grad_in_forward_chunks_whole_pairs_of_a_packed_batch(monkeypatch):
-    """Under a budget of one pair, each chunk holds the counted tokens of exactly one pair, which in a
-    packed [chosen; rejected] batch are two separate token ranges."""
+    """The counted tokens per packed sequence (read once on the host) size the chunks; under a budget of
+    the largest pair, every chunk is whole pairs, which in a packed [chosen; rejected] row are two
+    separate token ranges."""
     from fastdpo.ops import linear
 
     hid, ref_hid, y, _, lengths = _padded(6, seed=2, H=5)
@@ -203,20 +204,20 @@ def test_linear_grad_in_forward_chunks_whole_pairs_of_a_packed_batch(monkeypatch
     seen = []
     orig = linear.linear_grad_in_forward
     monkeypatch.setattr(linear, "linear_grad_in_forward",
-                        lambda *a, **k: seen.append([t.tolist() for t in a[9]]) or orig(*a, **k))
-    yp = _pack(y, lengths)
+                        lambda *a, **k: seen.append((a[7].counts, a[9])) or orig(*a, **k))
     counted = [int((y[i] != -100).sum()) for i in range(6)]
     budget = max(counted[i] + counted[i + 3] for i in range(3)) * V * 4
-    L.linear_dpo_loss(_pack(hid, lengths).requires_grad_(), weight, yp, ref_hidden=_pack(ref_hid, lengths),
-                      cu_seqlens=_cu(lengths), strategy="grad_in_forward", memory_budget=budget, backend="cpu")
-    cu = _cu(lengths).tolist()
-    valid = [t for t in range(yp.numel()) if yp[t] != -100]
-    expect = [[t for t in valid if cu[i] <= t < cu[i + 1]] + [t for t in valid if cu[i + 3] <= t < cu[i + 4]]
-              for i in range(3)]
-    got = seen[0]
-    # consecutive pairs may share a chunk when they fit together; each chunk is whole pairs in order
-    assert sum(got, []) == sum(expect, [])
-    assert all(any(c[: len(e)] == e for e in expect) for c in got)
+    h = _pack(hid, lengths).requires_grad_()
+    out = L.linear_dpo_loss(h, weight, _pack(y, lengths), ref_hidden=_pack(ref_hid, lengths), cu_seqlens=_cu(lengths),
+                            strategy="grad_in_forward", memory_budget=budget, backend="cpu")
+    out.loss.backward()
+    [(counts, chunks)] = seen
+    assert list(counts) == counted
+    assert sum(chunks, []) == [s for i in range(3) for s in (i, i + 3)]  # whole pairs, in order
+    assert len(chunks) >= 2 and all(len(c) % 2 == 0 for c in chunks)
+    ref = L.linear_dpo_loss(hid.clone().requires_grad_(), weight, y, ref_hidden=ref_hid, strategy="recompute",
+                            backend="cpu")
+    _close(out.loss, ref.loss)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

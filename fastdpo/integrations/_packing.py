@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from fastdpo.losses.sequences import host_to_device
+from fastdpo.ops.segments import host_to_device
 
 # Attention implementations that honour packed position_ids in transformers (see the module docstring).
 MASKED_ATTENTION = ("sdpa", "eager", "flex_attention")

@@ -192,11 +192,13 @@ def linear_dpo_loss(
                      ld_alpha, use_weighting, discopop_tau, variant_options)
     _validation.check_int(ignore_index, "ignore_index")
     check_flag(diagnostics)
+    _validation.check_tensor(labels, "labels")
+    layout = make_layout(labels, ignore_index, cu_seqlens=cu_seqlens, position_ids=position_ids, backend=backend)
     h, y, rh, rw, rb, idx, o = linear.prepare(
         hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
         ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-        memory_budget=memory_budget, backend=backend, kl=plan.token_kl and ref_hidden is not None)
-    layout = make_layout(labels, ignore_index, cu_seqlens=cu_seqlens, position_ids=position_ids, backend=o.backend)
+        memory_budget=memory_budget, backend=backend, kl=plan.token_kl and ref_hidden is not None,
+        cu_seqlens=getattr(layout, "cu_seqlens", None))
     n, shape = layout.num_seqs, labels.shape
     check_batch(plan, n, desirable, ref_logps, ref_hidden is not None, pair_weights, token_weights, labels)
 
@@ -209,12 +211,13 @@ def linear_dpo_loss(
     need = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     chunks = None
     if strategy != "recompute" and any(need):
-        budget = o.rows * weight.shape[0] * hidden.element_size()
+        elem = o.dtype.itemsize  # of the logits tiles (autocast's dtype under autocast)
+        budget = o.rows * weight.shape[0] * elem
         not_separable = [sp.name for sp, _, _ in plan.terms if not sp.separable]
         with_kl = plan.kl_losses
         if not not_separable and not with_kl:
-            chunks = linear.chunk_tokens(idx, layout.offsets(), groups(plan, n), weight.shape[0],
-                                         hidden.element_size(), budget)
+            counts = list(o.counts)  # read once on the host by linear.prepare (per row, or per packed sequence)
+            chunks = linear.group_chunks(counts, groups(plan, n), weight.shape[0], elem, budget)
         if chunks is None and strategy == "grad_in_forward":
             why = (f"loss_type {not_separable} is not separable over pairs" if not_separable else
                    f"loss_type {with_kl} needs the token-level KL, whose gradient the recompute strategy forms"

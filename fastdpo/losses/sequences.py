@@ -18,7 +18,7 @@ import torch
 from fastdpo import _validation
 from fastdpo.losses.registry import SequenceStats
 from fastdpo.ops.logprobs import FusedLogprobs
-from fastdpo.ops.segments import segment_sum
+from fastdpo.ops.segments import host_to_device, segment_sum
 
 
 class PaddedLayout:
@@ -88,15 +88,6 @@ class PackedLayout:
     def offsets(self) -> torch.Tensor:
         """``[N + 1]`` int64 offsets of the sequences in the tokens (``cu_seqlens`` on the tokens' device)."""
         return self._offsets
-
-
-def host_to_device(values: list[int], device) -> torch.Tensor:
-    """An int64 tensor of host ints on ``device`` without a device sync: on a GPU through pinned memory and a
-    non-blocking copy (the pinned buffer is held until the copy has run)."""
-    t = torch.tensor(values, dtype=torch.long)
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def _device_index(cu: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:

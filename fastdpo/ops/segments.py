@@ -22,6 +22,15 @@ from fastdpo.ops import schema  # noqa: F401  (defines the fastdpo:: ops)
 from fastdpo.ops.logprobs import _resolve
 
 
+def host_to_device(values: list[int], device) -> torch.Tensor:
+    """An int64 tensor of host ints on ``device`` without a device sync: on a GPU through pinned memory and a
+    non-blocking copy (the pinned buffer is held until the copy has run)."""
+    t = torch.tensor(values, dtype=torch.long)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class _SegmentSumFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, offsets, seq_index, backend):
