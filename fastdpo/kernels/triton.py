@@ -16,7 +16,6 @@ from typing import Optional
 
 import torch
 
-from fastdpo import _validation
 from fastdpo.kernels._device import on_input_device
 
 _ops = None
