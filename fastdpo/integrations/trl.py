@@ -225,7 +225,7 @@ class FastDPOTrainer(DPOTrainer):
 
     ``DPOConfig(padding_free=True)`` (which TRL itself turns into padding) trains on packed batches: each
     batch's 2B sequences go end to end in one row with ``position_ids`` restarting at 0 per sequence
-    (:class:`~fastdpo.integrations._packing.DataCollatorForPackedPreference`), the model runs on that row
+    (:class:`DataCollatorForPackedPreference`), the model runs on that row
     with no padding, the fused LM head scores its tokens and the loss library reduces them per sequence
     (the same loss, metrics and gradients as the padded batch). The attention implementation must keep the
     sequences apart (``sdpa``, ``eager``, ``flex_attention`` or flash-attention; others raise).
@@ -292,17 +292,23 @@ class FastDPOTrainer(DPOTrainer):
         return ref_outputs.log_probs[:, -seq_len:]
 
     def _compute_loss(self, model, inputs, return_outputs):
-        if "cu_seqlens" in inputs:
-            return self._compute_packed_loss(model, inputs, return_outputs)
         mode = "train" if self.model.training else "eval"
-        _non_model_keys = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+        packed = "cu_seqlens" in inputs  # a packed row (padding_free=True): see _setup_packing
+        _non_model_keys = _packing.NON_MODEL_KEYS if packed else {"completion_mask", "ref_chosen_logps",
+                                                                   "ref_rejected_logps"}
         model_kwargs = {k: v for k, v in inputs.items() if k not in _non_model_keys}
         model_kwargs["use_cache"] = False
         if self.aux_loss_enabled:
             model_kwargs["output_router_logits"] = True
         completion_mask = inputs["completion_mask"]
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        shift_labels = labels[:, 1:]
+        if packed:
+            # every position scored as given: its next token inside its own sequence (TRL's shift_labels)
+            labels, layout_kw = None, dict(cu_seqlens=inputs["cu_seqlens"], backend=self.fastdpo_backend)
+            shift_labels = _packing.next_token_labels(inputs["input_ids"], completion_mask, inputs["cu_seqlens"])
+            model_kwargs["shift_labels"] = shift_labels
+        else:
+            labels, layout_kw = inputs["input_ids"].masked_fill(completion_mask == 0, -100), {}
+            shift_labels = labels[:, 1:]
         seq_len = shift_labels.size(1)
 
         with self._fastdpo_head():
@@ -323,7 +329,7 @@ class FastDPOTrainer(DPOTrainer):
             device=shift_labels.device)
         out = _losses.loss_from_token_logprobs(
             tail(outputs.log_probs), shift_labels, ref_token_logps=ref_token_logps, ref_logps=ref_logps, stats=stats,
-            diagnostics=self.fastdpo_diagnostics, **self._fastdpo_options)
+            diagnostics=self.fastdpo_diagnostics, **layout_kw, **self._fastdpo_options)
         loss = out.loss
 
         if self.aux_loss_enabled:
@@ -331,12 +337,13 @@ class FastDPOTrainer(DPOTrainer):
             loss = loss + self.router_aux_loss_coef * aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
-        self._log_fastdpo_metrics(mode, inputs, out, stats, make_layout(shift_labels, -100))
+        self._log_fastdpo_metrics(mode, inputs, out, stats, make_layout(shift_labels, -100, **layout_kw))
         if self.fastdpo_diagnostics:
             self._log_fastdpo_diagnostics(mode, out, outputs)
 
         if return_outputs:
             # as TRL: the logits handed to compute_metrics need a plain forward
+            model_kwargs.pop("shift_labels", None)
             with torch.no_grad():
                 outputs = model(**model_kwargs)
         return (loss, outputs) if return_outputs else loss
@@ -412,42 +419,3 @@ class FastDPOTrainer(DPOTrainer):
             return super()._precompute_ref_logps(dataset, name, batch_size)
         finally:
             self.data_collator = collator
-
-    def _compute_packed_loss(self, model, inputs, return_outputs):
-        """``_compute_loss`` on a packed row: the model and the fused LM head run on the row's tokens only, the
-        loss library reduces them per sequence (``cu_seqlens``)."""
-        mode = "train" if self.model.training else "eval"
-        cu = inputs["cu_seqlens"]
-        model_kwargs = {k: v for k, v in inputs.items() if k not in _packing.NON_MODEL_KEYS}
-        model_kwargs["use_cache"] = False
-        if self.aux_loss_enabled:
-            model_kwargs["output_router_logits"] = True
-        labels = _packing.next_token_labels(inputs["input_ids"], inputs["completion_mask"], cu)
-        with self._fastdpo_head():
-            # shift_labels: scored as given (every position, its next token inside its own sequence)
-            outputs = model(**model_kwargs, shift_labels=labels, fused_lm_head=True)
-            ref_token_logps = ref_logps = None
-            if self.precompute_ref_logps:
-                ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).float()
-            else:
-                ref_token_logps = self._reference_token_logps({**model_kwargs, "shift_labels": labels}, None,
-                                                              labels.shape[1])
-        stats = _losses.stats_from_fields(
-            labels.shape, entropy=outputs.entropy, is_top1=outputs.is_top1, mean_logits=outputs.mean_logits,
-            log_sum_sq_probs=outputs.log_sum_sq_probs, device=labels.device)
-        out = _losses.loss_from_token_logprobs(
-            outputs.log_probs, labels, ref_token_logps=ref_token_logps, ref_logps=ref_logps, stats=stats,
-            diagnostics=self.fastdpo_diagnostics, cu_seqlens=cu, backend=self.fastdpo_backend,
-            **self._fastdpo_options)
-        loss = out.loss
-        if self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
-        self._log_fastdpo_metrics(mode, inputs, out, stats, make_layout(labels, -100, cu_seqlens=cu,
-                                                                        backend=self.fastdpo_backend))
-        if self.fastdpo_diagnostics:
-            self._log_fastdpo_diagnostics(mode, out, outputs)
-        if return_outputs:
-            with torch.no_grad():
-                outputs = model(**model_kwargs)
-        return (loss, outputs) if return_outputs else loss
