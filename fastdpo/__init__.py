@@ -21,6 +21,7 @@ from fastdpo.losses import (
     get_loss,
     linear_dpo_loss,
     register_loss,
+    sequence_sums,
 )
 
 __version__ = "0.1.0"
@@ -36,6 +37,7 @@ __all__ = [
     "get_loss",
     "linear_dpo_loss",
     "register_loss",
+    "sequence_sums",
     "Backend",
     "BackendUnavailableError",
     "BuildError",

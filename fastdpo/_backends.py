@@ -10,6 +10,8 @@ on 3-D logits ``[B, T, V]`` (any strides on B and T, stride 1 on V)::
     logprobs_bwd(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, inplace,
                  grad_kl=None, ref_logits=None, ref_lse=None)
         -> grad_logits [B,T,V] (``logits`` itself when inplace)
+    segment_sum(values [M], offsets [S+1] int64) -> [S]   # per-sequence sums of packed batches,
+                                                          # each segment in a fixed order (deterministic)
 
 ``kl=True`` (with ``ref_logits``) adds the per-token KL(reference || policy) over the
 whole vocabulary; its gradient ``grad_kl * (p - q)`` joins the backward when

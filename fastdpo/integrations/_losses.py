@@ -12,6 +12,7 @@ import torch
 
 from fastdpo.losses import compute as _compute
 from fastdpo.losses.plan import LOSS_DEFAULTS, LossPlan, plan_from_options
+from fastdpo.losses.sequences import make_layout
 from fastdpo.ops.logprobs import FusedLogprobs
 from fastdpo.ops.schema import STAT_NAMES
 
@@ -34,7 +35,8 @@ def stats_from_fields(shape, *, entropy=None, is_top1=None, mean_logits=None, lo
 def loss_from_token_logprobs(logps: torch.Tensor, labels: torch.Tensor, *, ref_token_logps: torch.Tensor | None = None,
                              ref_logps: torch.Tensor | None = None, stats: torch.Tensor | None = None,
                              kl: torch.Tensor | None = None, ignore_index: int = -100, token_weights=None,
-                             pair_weights=None, desirable=None, diagnostics: bool = False,
+                             pair_weights=None, desirable=None, diagnostics: bool = False, cu_seqlens=None,
+                             position_ids=None, backend="auto",
                              **loss_options) -> _compute.DPOOutput:
     """DPO-family loss from per-token policy log-probs ``logps [N, T]`` (0 at ignored tokens, differentiable).
 
@@ -42,8 +44,10 @@ def loss_from_token_logprobs(logps: torch.Tensor, labels: torch.Tensor, *, ref_t
     reference's per-token log-probs, or ``ref_logps [N]`` its precomputed sequence log-probs; ``stats``
     ``[N, T, 4]`` (entropy, argmax hit, mean logit, log sum p^2) feeds the metrics and WPO weights;
     ``kl [N, T]`` is the per-token KL to the reference for the token-KL objectives (differentiable, 0 at
-    ignored tokens). ``loss_options`` are those of :func:`fastdpo.dpo_loss`; ``diagnostics=True`` needs
-    ``stats`` (its ``log sum p^2`` column gives the gradient norms).
+    ignored tokens). With ``cu_seqlens`` / ``position_ids`` the tensors are a packed batch (``[N_total]`` or
+    ``[1, N_total]`` tokens, see :func:`fastdpo.dpo_loss`); ``backend`` runs its per-sequence sums.
+    ``loss_options`` are those of :func:`fastdpo.dpo_loss`; ``diagnostics=True`` needs ``stats`` (its
+    ``log sum p^2`` column gives the gradient norms).
     """
     if diagnostics and stats is None:
         raise ValueError("fastdpo: diagnostics=True needs stats (the per-token log sum p^2 of the fused pass)")
@@ -64,14 +68,15 @@ def loss_from_token_logprobs(logps: torch.Tensor, labels: torch.Tensor, *, ref_t
     tok = FusedLogprobs(logps, ref_tok, stats.float(), kl)
     opts = {**LOSS_DEFAULTS, **loss_options}
     variant = {k: v for k, v in opts.items() if k not in LOSS_DEFAULTS}
-    return _compute.run(lambda kl: tok, labels, labels.shape[0], ref_tok is not None, ref_logps=ref_logps,
+    layout = make_layout(labels, ignore_index, cu_seqlens=cu_seqlens, position_ids=position_ids, backend=backend)
+    return _compute.run(lambda kl: tok, labels, layout.num_seqs, ref_tok is not None, ref_logps=ref_logps,
                         loss_type=opts["loss_type"], beta=opts["beta"], label_smoothing=opts["label_smoothing"],
                         loss_weights=opts["loss_weights"], f_divergence_type=opts["f_divergence_type"],
                         f_alpha_divergence_coef=opts["f_alpha_divergence_coef"], ld_alpha=opts["ld_alpha"],
                         use_weighting=opts["use_weighting"], discopop_tau=opts["discopop_tau"],
                         ignore_index=ignore_index, token_weights=token_weights, pair_weights=pair_weights,
                         desirable=desirable, variant_options=variant, average_log_prob=opts["average_log_prob"],
-                        diagnostics=diagnostics)
+                        diagnostics=diagnostics, layout=layout)
 
 
 def pair_losses(loss_type: str, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None,

@@ -27,11 +27,14 @@ from typing import Any
 
 import torch
 
-from fastdpo.integrations import _losses, _trl_compat
+from fastdpo.integrations import _losses, _packing, _trl_compat
 from fastdpo.integrations._linear import DEFAULT_BLOCK_ELEMENTS, OPTIONAL_OUTPUTS, linear_token_logprobs
+from fastdpo.integrations._packing import DataCollatorForPackedPreference
 from fastdpo.integrations._trl_compat import SUPPORTED_TRL, TESTED_TRL, TRLCompatibilityWarning
 from fastdpo.losses.diagnostics import PREFIX as DIAGNOSTICS_PREFIX
+from fastdpo.losses.metrics import block_masks
 from fastdpo.losses.registry import get_loss
+from fastdpo.losses.sequences import make_layout
 from fastdpo.ops import linear as _ops_linear
 from fastdpo.ops.schema import STAT_NAMES
 
@@ -59,8 +62,8 @@ from trl.trainer.utils import use_adapter  # noqa: E402
 
 
 __all__ = ["FastDPOTrainer", "FastDPOConfig", "TokenOutputs", "FastChunkedLogProbFunction", "patch_fused_lm_head",
-           "is_fused_lm_head_patched", "check_trl_version", "trainer_losses", "SUPPORTED_TRL", "TESTED_TRL",
-           "TRL_LOSS_TYPES", "TRLCompatibilityWarning"]
+           "is_fused_lm_head_patched", "check_trl_version", "trainer_losses", "DataCollatorForPackedPreference",
+           "SUPPORTED_TRL", "TESTED_TRL", "TRL_LOSS_TYPES", "TRLCompatibilityWarning"]
 
 TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
@@ -303,7 +306,7 @@ HONOURED_OPTIONS = {
     # model, data and training loop: TRL's own code, unchanged
     "learning_rate": "TRL", "model_init_kwargs": "TRL", "trust_remote_code": "TRL",
     "router_aux_loss_coef": "added to the loss as TRL does", "disable_dropout": "TRL", "dataset_num_proc": "TRL",
-    "max_length": "TRL", "truncation_mode": "TRL", "padding_free": "TRL (which currently falls back to padding)",
+    "max_length": "TRL", "truncation_mode": "TRL", "padding_free": "packed batches (fastdpo)",
     "pad_to_multiple_of": "TRL", "activation_offloading": "TRL", "pad_token": "TRL",
 }
 
@@ -420,6 +423,7 @@ class TokenOutputs:
     ref_logps: torch.Tensor | None = None  # or precomputed reference sequence log-probs [2B]
     kl: torch.Tensor | None = None  # token-level KL(ref || policy) for the token-KL objectives, differentiable
     model_outputs: Any = None  # the policy forward's output (its aux_loss for MoE models)
+    cu_seqlens: torch.Tensor | None = None  # a packed batch ([1, N_total] tokens): its sequence offsets
 
     @property
     def mask(self) -> torch.Tensor:
@@ -438,6 +442,13 @@ class FastDPOTrainer(DPOTrainer):
 
     One training step: :meth:`_token_outputs` (the forwards: per-token outputs) -> :meth:`_fastdpo_loss` (the
     loss library) -> :meth:`_log_fastdpo_metrics`.
+
+    ``DPOConfig(padding_free=True)`` (which TRL itself turns into padding) trains on packed batches: each
+    batch's 2B sequences go end to end in one row with ``position_ids`` restarting at 0 per sequence
+    (:class:`DataCollatorForPackedPreference`), the model runs on that row
+    with no padding, the fused LM head scores its tokens and the loss library reduces them per sequence
+    (the same loss, metrics and gradients as the padded batch). The attention implementation must keep the
+    sequences apart (``sdpa``, ``eager``, ``flex_attention`` or flash-attention; others raise).
     """
 
     _tag_names = [*getattr(DPOTrainer, "_tag_names", []), "fastdpo"]
@@ -454,17 +465,32 @@ class FastDPOTrainer(DPOTrainer):
             raise TypeError(f"FastDPOTrainer: fastdpo_diagnostics must be True or False, got {fastdpo_diagnostics!r}")
         self.fastdpo_backend = fastdpo_backend
         self.fastdpo_diagnostics = fastdpo_diagnostics
+        packed = bool(args is not None and args.padding_free)
+        if packed:
+            if data_collator is not None:
+                raise ValueError("FastDPOTrainer(padding_free=True) packs batches with its own collator; leave "
+                                 "data_collator=None or set DPOConfig(padding_free=False)")
+            if isinstance(model, torch.nn.Module):
+                _packing.check_packing_support(model)  # before TRL's constructor does its work
+            args.padding_free = False  # TRL would warn and pad; fastdpo packs instead (set back below)
         plan = objective_plan(args) if args is not None else None
         # TRL runs the reference precompute pass inside its constructor, so the kernel is in place already
-        with self._fastdpo_head(), (_trl_validation_of(args, plan) if plan else contextlib.nullcontext()):
-            super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
-                             train_dataset=train_dataset, eval_dataset=eval_dataset,
-                             processing_class=processing_class, compute_metrics=compute_metrics, callbacks=callbacks,
-                             optimizers=optimizers, quantization_config=quantization_config, peft_config=peft_config)
+        try:
+            with self._fastdpo_head(), (_trl_validation_of(args, plan) if plan else contextlib.nullcontext()):
+                super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
+                                 train_dataset=train_dataset, eval_dataset=eval_dataset,
+                                 processing_class=processing_class, compute_metrics=compute_metrics,
+                                 callbacks=callbacks, optimizers=optimizers,
+                                 quantization_config=quantization_config, peft_config=peft_config)
+        finally:
+            if packed:
+                args.padding_free = True
         missing = [a for a in self._TRL_ATTRIBUTES if not hasattr(self, a)]
         if missing:
             raise RuntimeError(f"FastDPOTrainer: trl {trl.__version__}'s DPOTrainer no longer sets {missing}, which "
                                f"fastdpo reads; tested releases: {', '.join(TESTED_TRL)}")
+        if packed:
+            self._setup_packing()
         _check_config(self.args)
         self._fastdpo_plan = objective_plan(self.args)
         self._fastdpo_options = _loss_options(self.args)
@@ -485,7 +511,9 @@ class FastDPOTrainer(DPOTrainer):
             return super().compute_ref_log_probs(model, inputs)
 
     def _model_kwargs(self, inputs) -> dict:
-        _non_model_keys = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+        # a packed row (padding_free=True, see _setup_packing) carries its sequence offsets too
+        _non_model_keys = (_packing.NON_MODEL_KEYS if "cu_seqlens" in inputs
+                           else {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"})
         model_kwargs = {k: v for k, v in inputs.items() if k not in _non_model_keys}
         model_kwargs["use_cache"] = False
         if self.aux_loss_enabled:
@@ -506,8 +534,16 @@ class FastDPOTrainer(DPOTrainer):
     def _token_outputs(self, model, inputs) -> TokenOutputs:
         """The forwards of one batch: policy and reference per-token outputs through fastdpo's fused head."""
         model_kwargs = self._model_kwargs(inputs)
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        shift_labels = labels[:, 1:]
+        completion_mask = inputs["completion_mask"]
+        cu_seqlens = inputs.get("cu_seqlens")
+        if cu_seqlens is not None:
+            # every position scored as given: its next token inside its own sequence (TRL's shift_labels)
+            labels = None
+            shift_labels = _packing.next_token_labels(inputs["input_ids"], completion_mask, cu_seqlens)
+            model_kwargs["shift_labels"] = shift_labels
+        else:
+            labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+            shift_labels = labels[:, 1:]
         seq_len = shift_labels.size(1)
         ref_token_logps = ref_logps = kl = None
         with self._fastdpo_head() as head:
@@ -534,13 +570,17 @@ class FastDPOTrainer(DPOTrainer):
             mean_logits=tail(outputs.mean_logits), log_sum_sq_probs=tail(outputs.log_sum_sq_probs),
             device=shift_labels.device)
         return TokenOutputs(shift_labels, tail(outputs.log_probs), stats, tail(ref_token_logps), ref_logps, tail(kl),
-                            outputs)
+                            outputs, cu_seqlens)
 
     def _fastdpo_loss(self, tokens: TokenOutputs):
         """The objective from the per-token outputs (fastdpo's loss library, as ``fastdpo.dpo_loss``)."""
         return _losses.loss_from_token_logprobs(tokens.logps, tokens.labels, ref_token_logps=tokens.ref_token_logps,
                                                 ref_logps=tokens.ref_logps, stats=tokens.stats, kl=tokens.kl,
-                                                diagnostics=self.fastdpo_diagnostics, **self._fastdpo_options)
+                                                diagnostics=self.fastdpo_diagnostics, **self._layout_kw(tokens),
+                                                **self._fastdpo_options)
+
+    def _layout_kw(self, tokens: TokenOutputs) -> dict:
+        return {} if tokens.cu_seqlens is None else dict(cu_seqlens=tokens.cu_seqlens, backend=self.fastdpo_backend)
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
@@ -569,13 +609,13 @@ class FastDPOTrainer(DPOTrainer):
         """TRL's metrics under TRL's names, aggregated across processes as TRL does (token-weighted means of the
         per-token statistics, means over all pairs of the per-pair values), plus the objectives' own metrics
         (``nll_loss`` with an NLL term, ``kl/chosen`` and ``kl/rejected`` with the token-level KL, ...) as means
-        over processes."""
+        over processes. Padded and packed batches alike (the block masks of the batch's token layout)."""
         acc = self.accelerator
         m = self._metrics[mode]
-        stats = tokens.stats
-        mask = tokens.mask.to(stats.dtype)
-        chosen_mask, rejected_mask = mask.chunk(2, dim=0)
-        st_c, st_r = stats.chunk(2, dim=0)
+        layout = make_layout(tokens.labels, -100, **self._layout_kw(tokens))
+        chosen_mask, rejected_mask, mask = block_masks(layout, None, 2, tokens.stats.dtype)
+        stats = tokens.stats.reshape(*mask.shape, -1)
+        st_c = st_r = stats  # the block masks span the whole batch
 
         def ratio(num, den):
             num = acc.gather_for_metrics(num.detach()).sum()
@@ -584,7 +624,9 @@ class FastDPOTrainer(DPOTrainer):
 
         m["entropy"].append(ratio((stats[..., 0] * mask).sum(), mask.sum()))
         if mode == "train":
-            num_tokens = acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            tokens = (inputs["attention_mask"].sum() if "attention_mask" in inputs  # a packed row has no padding
+                      else torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device))
+            num_tokens = acc.gather_for_metrics(tokens).sum().item()
             self._total_train_tokens += num_tokens // self._tp_size
         m["num_tokens"] = [self._total_train_tokens]
         m["logits/chosen"].append(ratio((st_c[..., 2] * chosen_mask).sum(), chosen_mask.sum()))
@@ -611,3 +653,32 @@ class FastDPOTrainer(DPOTrainer):
         summary = out.diagnostics.gathered(self.accelerator.gather).summary()
         for k, v in zip(summary, torch.stack(list(summary.values())).tolist()):  # one device sync
             self._metrics[mode][k].append(v)
+
+    # ----------------------------------------------------------------------------------- packed batches
+
+    def _setup_packing(self):
+        """``padding_free=True``: check that the model keeps packed sequences apart and pack the batches."""
+        if self._is_vision_dataset:
+            raise ValueError("FastDPOTrainer(padding_free=True) packs text batches; vision-language datasets need "
+                             "DPOConfig(padding_free=False)")
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if is_peft_model(unwrapped) and unwrapped.active_peft_config.is_prompt_learning:
+            raise ValueError("FastDPOTrainer(padding_free=True): prompt-learning adapters prepend virtual tokens to "
+                             "each sequence, which a packed row cannot hold; set DPOConfig(padding_free=False)")
+        impl = _packing.check_packing_support(unwrapped)
+        self.padding_free = True
+        self._padded_collator = self.data_collator  # TRL's, for its reference precompute pass
+        self.data_collator = DataCollatorForPackedPreference(
+            max_length=self.args.max_length, truncation_mode=self.args.truncation_mode,
+            flash_attention_kwargs=impl in _packing.FLASH_ATTENTION)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # TRL's precompute pass (compute_ref_log_probs) reads padded batches: give it TRL's collator.
+        padded = getattr(self, "_padded_collator", None)
+        if padded is None:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        collator, self.data_collator = self.data_collator, padded
+        try:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        finally:
+            self.data_collator = collator

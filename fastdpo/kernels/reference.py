@@ -140,3 +140,15 @@ def logprobs_bwd(grad_logp, logits, labels, lse, ignore_index, temperature, soft
             grad = torch.where((g != 0) | (gk != 0), (g * (onehot - p) + gk * (p - q)) * dzdx, 0.0)
         out[b, ts] = grad.to(logits.dtype)
     return out
+
+
+@torch.no_grad()
+def segment_sum(values, offsets):
+    """``out[k] = sum(values[offsets[k]:offsets[k+1]])`` in the accumulation dtype (packed batches).
+
+    ``torch.segment_reduce`` reduces each segment on its own in a fixed order (a serial loop on CPU,
+    CUB's segmented reduction on CUDA): the same answer every run, no atomics. ``offsets`` are
+    validated by the caller (non-decreasing, within ``values``), so its own check (a device sync)
+    is skipped."""
+    acc = _acc_dtype(values.dtype)
+    return torch.segment_reduce(values.to(acc), "sum", offsets=offsets, axis=0, unsafe=True, initial=0)

@@ -16,7 +16,7 @@ from fastdpo import _backends, _validation
 from fastdpo.losses.compute import DPOOutput, loss_from_tokens, run
 from fastdpo.losses.diagnostics import check_flag
 from fastdpo.losses.plan import LOSS_DEFAULTS, check_batch, groups, make_plan, plan_from_options
-from fastdpo.losses.sequences import PaddedLayout
+from fastdpo.losses.sequences import PaddedLayout, make_layout
 from fastdpo.ops import linear
 from fastdpo.ops.logprobs import FusedLogprobs, fused_logprobs
 from fastdpo.ops.vocab_parallel import vocab_parallel_logprobs
@@ -47,6 +47,16 @@ _LOSS_DOC = """
 """
 
 
+def _check_token_dims(x: torch.Tensor, name: str, width: str, packed: bool) -> None:
+    """``[N, T, width]`` for a padded batch; ``[N_total, width]`` or ``[1, N_total, width]`` for a packed one."""
+    if packed and not (x.dim() == 2 or (x.dim() == 3 and x.shape[0] == 1)):
+        raise ValueError(f"fastdpo: packed {name} must be [N_total, {width}] or [1, N_total, {width}] (every "
+                         f"sequence's tokens in one row), got shape {tuple(x.shape)}")
+    if not packed and x.dim() != 3:
+        raise ValueError(f"fastdpo: {name} must be [N, T, {width}] (N sequences), or [N_total, {width}] with "
+                         f"cu_seqlens / position_ids for a packed batch, got shape {tuple(x.shape)}")
+
+
 def dpo_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -70,6 +80,8 @@ def dpo_loss(
     process_group=None,
     average_log_prob: bool = False,
     diagnostics: bool = False,
+    cu_seqlens=None,
+    position_ids: torch.Tensor | None = None,
     **variant_options,
 ) -> DPOOutput:
     """DPO-family loss from policy logits in one fused pass over the vocabulary.
@@ -87,14 +99,20 @@ def dpo_loss(
         process_group: vocabulary-parallel: ``logits`` / ``ref_logits`` are this rank's vocabulary
             shard (see :func:`fastdpo.vocab_parallel_logprobs`); the loss and metrics are then the
             same on every rank and the gradient flows to the local shard.
+        cu_seqlens, position_ids: a packed (padding-free) batch: ``logits`` ``[N_total, V]`` (or
+            ``[1, N_total, V]``), ``labels`` ``[N_total]`` (or ``[1, N_total]``), the N sequences' tokens
+            end to end in the same order as the padded batch (``[chosen; rejected]``). Sequence k is
+            tokens ``cu_seqlens[k] : cu_seqlens[k+1]`` (``[N + 1]`` ints, flash-attention's convention),
+            or give transformers' ``position_ids`` (restarting at 0 at each sequence). See
+            :func:`fastdpo.losses.sequences.make_layout`.
 
     Returns:
         :class:`DPOOutput`.
     """
     _validation.check_float_tensor(logits, "logits")
-    if logits.dim() != 3:
-        raise ValueError(f"fastdpo: logits must be [N, T, V] (N sequences), got shape {tuple(logits.shape)}")
+    _check_token_dims(logits, "logits", "V", cu_seqlens is not None or position_ids is not None)
     _validation.check_labels(labels, logits)
+    layout = make_layout(labels, ignore_index, cu_seqlens=cu_seqlens, position_ids=position_ids, backend=backend)
 
     def tok_fn(kl: bool):
         if process_group is not None:
@@ -103,13 +121,13 @@ def dpo_loss(
         return fused_logprobs(logits, labels, ref_logits=ref_logits, ignore_index=ignore_index, stats=True, kl=kl,
                               backend=backend)
 
-    return run(tok_fn, labels, logits.shape[0], ref_logits is not None, ref_logps=ref_logps, loss_type=loss_type,
+    return run(tok_fn, labels, layout.num_seqs, ref_logits is not None, ref_logps=ref_logps, loss_type=loss_type,
                 beta=beta, label_smoothing=label_smoothing, loss_weights=loss_weights,
                 f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
                 ld_alpha=ld_alpha, use_weighting=use_weighting, discopop_tau=discopop_tau,
                 ignore_index=ignore_index, token_weights=token_weights, pair_weights=pair_weights,
                 desirable=desirable, variant_options=variant_options, average_log_prob=average_log_prob,
-                diagnostics=diagnostics)
+                diagnostics=diagnostics, layout=layout)
 
 
 def linear_dpo_loss(
@@ -143,6 +161,8 @@ def linear_dpo_loss(
     memory_budget: int | None = None,
     average_log_prob: bool = False,
     diagnostics: bool = False,
+    cu_seqlens=None,
+    position_ids: torch.Tensor | None = None,
     **variant_options,
 ) -> DPOOutput:
     """DPO-family loss from the LM head's inputs, ``logits = logit_scale * (hidden @ weight.T + bias)``,
@@ -167,27 +187,31 @@ def linear_dpo_loss(
             else 1 GiB on GPUs, 2^24 logits on CPU: 64 MiB fp32, 32 MiB bf16).
         diagnostics: as for :func:`dpo_loss`; the gradient norms are those w.r.t. the logits
             ``logit_scale * (hidden @ weight.T + bias)`` the tiles hold, not w.r.t. ``hidden``.
+        cu_seqlens, position_ids: a packed batch, as in :func:`dpo_loss`: ``hidden`` ``[N_total, H]``
+            (or ``[1, N_total, H]``), ``labels`` ``[N_total]``; only the packed tokens are projected.
 
     Gradients flow to ``hidden``, ``weight`` and ``bias``, accumulated in fp32.
     """
     _validation.check_tensor(hidden, "hidden")
-    if hidden.dim() != 3:
-        raise ValueError(f"fastdpo: hidden must be [N, T, H] (N sequences), got shape {tuple(hidden.shape)}")
+    _check_token_dims(hidden, "hidden", "H", cu_seqlens is not None or position_ids is not None)
     if strategy not in linear.STRATEGIES:
         raise ValueError(f"fastdpo: unknown strategy {strategy!r}; expected one of {', '.join(linear.STRATEGIES)}")
     plan = make_plan(loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
                      ld_alpha, use_weighting, discopop_tau, variant_options, average_log_prob=average_log_prob)
     _validation.check_int(ignore_index, "ignore_index")
     check_flag(diagnostics)
+    _validation.check_tensor(labels, "labels")
+    layout = make_layout(labels, ignore_index, cu_seqlens=cu_seqlens, position_ids=position_ids, backend=backend)
     h, y, rh, rw, rb, idx, o = linear.prepare(
         hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
         ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
-        memory_budget=memory_budget, backend=backend, kl=plan.token_kl and ref_hidden is not None)
-    n, T = labels.shape
+        memory_budget=memory_budget, backend=backend, kl=plan.token_kl and ref_hidden is not None,
+        cu_seqlens=getattr(layout, "cu_seqlens", None))
+    n, shape = layout.num_seqs, labels.shape
     check_batch(plan, n, desirable, ref_logps, ref_hidden is not None, pair_weights, token_weights, labels)
 
     def finish(tok: FusedLogprobs, diagnose: bool = False) -> DPOOutput:
-        return loss_from_tokens(tok, PaddedLayout(labels, ignore_index), ref_logps=ref_logps, plan=plan,
+        return loss_from_tokens(tok, layout, ref_logps=ref_logps, plan=plan,
                                 ld_alpha=ld_alpha, use_weighting=use_weighting, token_weights=token_weights,
                                 pair_weights=pair_weights, desirable=desirable, diagnostics=diagnose,
                                 temperature=o.temperature)
@@ -200,7 +224,7 @@ def linear_dpo_loss(
         not_separable = [sp.name for sp, _, _ in plan.terms if not sp.separable]
         with_kl = plan.kl_losses
         if not not_separable and not with_kl:
-            counts = list(o.counts)  # read once on the host by linear.prepare
+            counts = list(o.counts)  # read once on the host by linear.prepare (per row, or per packed sequence)
             chunks = linear.group_chunks(counts, groups(plan, n), weight.shape[0], elem, budget)
         if chunks is None and strategy == "grad_in_forward":
             why = (f"loss_type {not_separable} is not separable over pairs" if not_separable else
@@ -211,10 +235,10 @@ def linear_dpo_loss(
     if chunks is None:
         logp, ref, st, kl = linear._LinearLogprobsFunction.apply(h, weight, bias, y, idx, rh, rw, rb, True, o,
                                                                  plan.token_kl)
-        return finish(FusedLogprobs(logp.view(n, T), ref.view(n, T) if rh is not None else None, st.view(n, T, -1),
-                                    kl.view(n, T) if plan.token_kl else None), diagnostics)
-    res = linear.linear_grad_in_forward(h, weight, bias, y, rh, rw, rb, o, T, chunks, lambda tok: finish(tok).loss,
-                                        *need)
+        return finish(FusedLogprobs(logp.view(shape), ref.view(shape) if rh is not None else None,
+                                    st.view(*shape, -1), kl.view(shape) if plan.token_kl else None), diagnostics)
+    res = linear.linear_grad_in_forward(h, weight, bias, y, rh, rw, rb, o, shape, chunks,
+                                        lambda tok: finish(tok).loss, *need)
     with torch.no_grad():
         out = finish(res.tokens, diagnostics)
     out.loss = linear.AttachGrads.apply(out.loss, (res.grad_hidden, res.grad_weight, res.grad_bias), h, weight, bias)
