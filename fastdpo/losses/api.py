@@ -34,6 +34,8 @@ _LOSS_DOC = """
         token_weights: per-token weights shaped like ``labels`` inside every sequence sum.
         pair_weights: per-pair weights multiplying the per-pair loss (Sem-DPO style).
         desirable: bool ``[N]`` for unpaired losses (kto, bco); default ``[True]*N/2 + [False]*N/2``.
+        reference_free: use no reference for a reference-anchored loss (the policy log-probs stand in
+            for the log-ratios); it must be asked for explicitly, as a missing reference is an error.
         **variant_options: options of the chosen loss type(s) (see their docstrings).
 """
 
@@ -59,6 +61,7 @@ def dpo_loss(
     pair_weights: torch.Tensor | None = None,
     desirable: torch.Tensor | None = None,
     process_group=None,
+    reference_free: bool = False,
     **variant_options,
 ) -> DPOOutput:
     """DPO-family loss from policy logits in one fused pass over the vocabulary.
@@ -70,8 +73,9 @@ def dpo_loss(
             ``ignore_index`` marks prompt and padding.
         ref_logits: reference-model logits shaped like ``logits`` (no gradient), or
         ref_logps: ``[N]`` precomputed sequence-level reference log-probs in the same order.
-            With neither the loss is reference-free (log-ratios become policy log-probs), or an
-            error for losses that need a reference.
+            With neither, a loss anchored to a reference raises unless ``reference_free=True``
+            (log-ratios become policy log-probs); losses reference-free by definition (simpo, cpo,
+            orpo, ...) need neither.
         backend: kernel backend (``auto``, ``torch``, ``cpu``, ``triton``, ``cuda``).
         process_group: vocabulary-parallel: ``logits`` / ``ref_logits`` are this rank's vocabulary
             shard (see :func:`fastdpo.vocab_parallel_logprobs`); the loss and metrics are then the
@@ -97,7 +101,7 @@ def dpo_loss(
                 f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
                 ld_alpha=ld_alpha, use_weighting=use_weighting, discopop_tau=discopop_tau,
                 ignore_index=ignore_index, token_weights=token_weights, pair_weights=pair_weights,
-                desirable=desirable, variant_options=variant_options)
+                desirable=desirable, variant_options=variant_options, reference_free=reference_free)
 
 
 def linear_dpo_loss(
@@ -129,6 +133,7 @@ def linear_dpo_loss(
     logit_scale: float = 1.0,
     strategy: str = "auto",
     memory_budget: int | None = None,
+    reference_free: bool = False,
     **variant_options,
 ) -> DPOOutput:
     """DPO-family loss from the LM head's inputs, ``logits = logit_scale * (hidden @ weight.T + bias)``,
@@ -160,7 +165,7 @@ def linear_dpo_loss(
     if strategy not in linear.STRATEGIES:
         raise ValueError(f"fastdpo: unknown strategy {strategy!r}; expected one of {', '.join(linear.STRATEGIES)}")
     plan = make_plan(loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
-                     ld_alpha, use_weighting, discopop_tau, variant_options)
+                     ld_alpha, use_weighting, discopop_tau, variant_options, reference_free=reference_free)
     _validation.check_int(ignore_index, "ignore_index")
     h, y, rh, rw, rb, idx, o = linear.prepare(
         hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,

@@ -96,11 +96,11 @@ def loss_from_tokens(tok: FusedLogprobs, layout, *, ref_logps, plan: LossPlan, l
 
 def run(tok_fn, labels, n, have_ref_tokens, *, ref_logps, loss_type, beta, label_smoothing, loss_weights,
         f_divergence_type, f_alpha_divergence_coef, ld_alpha, use_weighting, discopop_tau, ignore_index,
-        token_weights, pair_weights, desirable, variant_options) -> DPOOutput:
+        token_weights, pair_weights, desirable, variant_options, reference_free=False) -> DPOOutput:
     """Plan the options, check the batch, get the per-token outputs from ``tok_fn(kl: bool)`` and
     evaluate the loss on the padded ``[N, T]`` layout of ``labels``."""
     plan = make_plan(loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
-                     ld_alpha, use_weighting, discopop_tau, variant_options)
+                     ld_alpha, use_weighting, discopop_tau, variant_options, reference_free=reference_free)
     _validation.check_int(ignore_index, "ignore_index")
     check_batch(plan, n, desirable, ref_logps, have_ref_tokens, pair_weights, token_weights, labels)
     tok = tok_fn(plan.token_kl)
