@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastdpo info`` and ``python -m fastdpo build``."""
+"""Command line: ``python -m fastdpo info``, ``python -m fastdpo build`` and ``python -m fastdpo --version``."""
 
 from __future__ import annotations
 
@@ -58,7 +58,10 @@ def _build_all(which: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fastdpo._version import __version__
+
     parser = argparse.ArgumentParser(prog="python -m fastdpo", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fastdpo {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, cache location and which backends are usable")
     b = sub.add_parser("build", help="precompile the C++/CUDA extensions into the cache")
