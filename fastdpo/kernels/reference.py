@@ -1,12 +1,11 @@
 """Plain-torch reference of the fused log-prob ops: the oracle for every backend.
 
 Written with plain torch ops and bounded memory: the rows are processed a block
-at a time (:data:`_CHUNK_ELEMS` elements), and each block's temporaries live in a
-few preallocated workspaces, so the passes of a block run in cache and no
-``[N, V]`` temporary is ever made (freshly allocated buffers of that size cost
-more in page faults than the arithmetic). Only the backward's output is
-``[N, V]``; the forward's ``log_softmax`` is the same fused op a naive
-implementation uses.
+at a time (:data:`_CHUNK_ELEMS` elements), in place in a few workspaces made once
+per call and reused by every block, so no ``[N, V]`` temporary is ever made
+(freshly allocated buffers of that size cost more in page faults than the
+arithmetic). Only the backward's output is ``[N, V]``; the forward's
+``log_softmax`` is the same fused op a naive implementation uses.
 
 Per token row with logits x and label y (c = soft cap, T = temperature)::
 
@@ -31,9 +30,10 @@ from __future__ import annotations
 
 import torch
 
-# Elements per block of rows: 4 MiB of float32 per workspace, which keeps a block's
-# in-place passes in the last-level cache of a CPU (and costs nothing on a GPU).
-_CHUNK_ELEMS = 1 << 20
+# Elements per block of rows (64 MiB of float32 per workspace). Every op over a block is one
+# parallel region; blocks this large keep their number small, which matters most on a busy
+# machine (where smaller, cache-resident blocks lose far more to thread synchronisation).
+_CHUNK_ELEMS = 1 << 24
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -73,21 +73,25 @@ def _rows(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
 
 
 class _Workspace:
-    """Preallocated [rows, V] buffers in the accumulation dtype, reused by every block."""
+    """[rows, V] buffers in the accumulation dtype, made on first use and reused by every block."""
 
-    def __init__(self, rows: int, V: int, dtype: torch.dtype, device: torch.device, count: int):
-        self.bufs = [torch.empty(rows, V, dtype=dtype, device=device) for _ in range(count)]
+    def __init__(self, rows: int, V: int, dtype: torch.dtype, device: torch.device):
+        self.shape, self.dtype, self.device = (rows, V), dtype, device
+        self.bufs: dict[int, torch.Tensor] = {}
 
-    def __getitem__(self, i: int):
-        return self.bufs[i]
+    def __getitem__(self, i: int) -> torch.Tensor:
+        buf = self.bufs.get(i)
+        if buf is None:
+            buf = self.bufs[i] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return buf
 
 
-def _transformed(x: torch.Tensor, temperature: float, softcap: float, acc, buf: torch.Tensor) -> torch.Tensor:
+def _transformed(x: torch.Tensor, temperature: float, softcap: float, acc, ws: _Workspace, i: int) -> torch.Tensor:
     """``s(x) / T`` of a block in the accumulation dtype: ``x`` itself when there is nothing to do,
-    else computed into ``buf``."""
+    else computed into workspace ``i``."""
     if x.dtype == acc and softcap == 0 and temperature == 1:
         return x
-    z = buf[: x.shape[0]]
+    z = ws[i][: x.shape[0]]
     z.copy_(x)
     if softcap > 0:
         z.div_(softcap).tanh_().mul_(softcap)
@@ -98,7 +102,7 @@ def _transformed(x: torch.Tensor, temperature: float, softcap: float, acc, buf: 
 
 def _block_fwd(z, y, valid, stats, ws, first):
     """Log-probs, log-sum-exp (and stats) of one block of transformed rows z [n, V]; the block's
-    log-softmax is left in ``ws[first]`` (and the probabilities in ``ws[first + 1]`` with stats)."""
+    log-softmax is left in workspace ``first`` (workspace 2 is scratch for the stats)."""
     n = z.shape[0]
     safe_y = torch.where(valid, y, 0).unsqueeze(-1)
     lsm = torch.log_softmax(z, -1, out=ws[first][:n])
@@ -110,12 +114,12 @@ def _block_fwd(z, y, valid, stats, ws, first):
     logp = torch.where(valid, logp_y, 0.0)
     st = None
     if stats:
-        p = torch.exp(lsm, out=ws[first + 1][:n])
-        # -sum p log p, with 0 log 0 = 0 (the NaN of 0 * -inf)
-        entropy = -torch.mul(p, lsm, out=ws[first + 2][:n]).nan_to_num_(0.0, float("inf"), float("-inf")).sum(-1)
+        p = torch.exp(lsm, out=ws[2][:n])
+        log_sum_p2 = 2 * torch.linalg.vector_norm(p, dim=-1).log()
+        # -sum p log p, with 0 log 0 = 0 (the NaN of 0 * -inf), in place of p
+        entropy = -p.mul_(lsm).nan_to_num_(0.0, float("inf"), float("-inf")).sum(-1)
         hit = (z.argmax(-1) == y).to(z.dtype)  # the first maximum
         mean_logit = z.mean(-1)
-        log_sum_p2 = 2 * torch.linalg.vector_norm(p, dim=-1).log()
         st = torch.stack([entropy, hit, mean_logit, log_sum_p2], dim=-1)
         st = torch.where(valid.unsqueeze(-1), st, 0.0)
     return logp, torch.where(valid, lse, 0.0), st
@@ -135,19 +139,19 @@ def logprobs_fwd(logits, labels, ref_logits, ignore_index, temperature, softcap,
     kl_out = torch.zeros_like(logp) if kl else logp.new_empty(0)
     ref_lse = torch.zeros_like(logp) if kl else logp.new_empty(0)
     rows = max(1, min(B * T, _CHUNK_ELEMS // max(V, 1)))
-    # 0: policy z, 1: policy log-softmax, 2-3: probabilities / scratch, 4: reference z, 5: reference log-softmax
-    ws = _Workspace(rows, V, acc, dev, 6 if ref_logits is not None else (4 if stats else 2))
+    # 0: policy z, 1: policy log-softmax, 2: scratch (probabilities), 4: reference z, 5: reference log-softmax
+    ws = _Workspace(rows, V, acc, dev)
     flat_labels = labels.reshape(B * T)
     for r0, r1 in _blocks((logits, ref_logits), B, T, V):
         y = flat_labels[r0:r1]
         valid = y != ignore_index
-        z = _transformed(_rows(logits, r0, r1), temperature, softcap, acc, ws[0])
+        z = _transformed(_rows(logits, r0, r1), temperature, softcap, acc, ws, 0)
         lp, ls, s = _block_fwd(z, y, valid, stats, ws, 1)
         logp[r0:r1], lse[r0:r1] = lp, ls
         if stats:
             st[r0:r1] = s
         if ref_logits is not None:
-            zr = _transformed(_rows(ref_logits, r0, r1), temperature, softcap, acc, ws[4])
+            zr = _transformed(_rows(ref_logits, r0, r1), temperature, softcap, acc, ws, 4)
             lpr, lsr, _ = _block_fwd(zr, y, valid, False, ws, 5)
             ref_logp[r0:r1] = lpr
             if kl:
@@ -155,8 +159,8 @@ def logprobs_fwd(logits, labels, ref_logits, ignore_index, temperature, softcap,
                 n = r1 - r0
                 lsm, lsq = ws[1][:n], ws[5][:n]
                 q = torch.exp(lsq, out=ws[2][:n])
-                # q (log q - log p), 0 where q = 0 (the NaN of 0 * -inf), +inf where only p = 0
-                terms = torch.sub(lsq, lsm, out=ws[3][:n]).mul_(q).nan_to_num_(0.0, float("inf"), float("-inf"))
+                # q (log q - log p), 0 where q = 0 (the NaN of 0 * -inf), +inf where only p = 0; in place of log q
+                terms = lsq.sub_(lsm).mul_(q).nan_to_num_(0.0, float("inf"), float("-inf"))
                 kl_out[r0:r1] = torch.where(valid, terms.sum(-1), 0.0)
     shape = (B, T)
     return (logp.view(shape), lse.view(shape), ref_logp.view(shape) if ref_logits is not None else ref_logp,
@@ -176,7 +180,7 @@ def logprobs_bwd(grad_logp, logits, labels, lse, ignore_index, temperature, soft
     rows = max(1, min(B * T, _CHUNK_ELEMS // max(V, 1)))
     direct = logits.dtype == acc  # the gradient is formed in the output itself
     # 0: tanh(x / c) then dz/dx (soft cap), 1: the gradient (unless direct), 2: reference probabilities
-    ws = _Workspace(rows, V, acc, dev, 1 + (not direct) + (grad_kl is not None))
+    ws = _Workspace(rows, V, acc, dev)
     flat_labels, flat_lse = labels.reshape(B * T), lse.reshape(B * T)
     flat_g = grad_logp.reshape(B * T)
     flat_gk = grad_kl.reshape(B * T) if grad_kl is not None else None
@@ -191,8 +195,8 @@ def logprobs_bwd(grad_logp, logits, labels, lse, ignore_index, temperature, soft
         grad = o if direct else ws[1][:n]
         lse_col = flat_lse[r0:r1].unsqueeze(-1)
         if gk is not None:  # before the policy rows are overwritten (the reference may alias them)
-            qbuf = ws[len(ws.bufs) - 1][:n]
-            zr = _transformed(_rows(ref_logits, r0, r1), temperature, softcap, acc, qbuf)
+            qbuf = ws[2][:n]
+            zr = _transformed(_rows(ref_logits, r0, r1), temperature, softcap, acc, ws, 2)
             q = torch.sub(zr, flat_ref_lse[r0:r1].unsqueeze(-1), out=qbuf).exp_()
         dzdx = 1.0 / temperature
         if softcap > 0:
