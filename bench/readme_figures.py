@@ -182,8 +182,8 @@ def block_kl() -> str:
     fp32, bf16 = _rows(data, "fp32"), _rows(data, "bf16")
     case = next(iter(fp32.values()))["case"]
     out = [f"Per-token log-probs plus the full-vocabulary KL of the reference to the policy "
-           f"(`fused_logprobs(..., ref_logits=..., kl=True)`), forward + backward with both upstream gradients non-zero "
-           f"on every token, N = {case['N']} tokens, V = {case['V']}, on {_machine(meta)}, by the main-job command "
+           f"(`fused_logprobs(..., ref_logits=..., kl=True)`), forward + backward with both upstream gradients "
+           f"non-zero on every token, N = {case['N']} tokens, V = {case['V']}, on {_machine(meta)}, by the main-job command "
            f"`{meta['command']}` ({_provenance(meta)}; every measurement in {_link(folder)}):",
            "",
            "| | fp32 time | vs naive | extra memory | bf16 time | vs naive | extra memory |",

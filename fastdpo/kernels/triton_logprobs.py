@@ -130,10 +130,10 @@ def logprobs_fwd_kernel(
     x_row = x_ptr + b * sxb + t * sxt
     lse, ent, lsp2, zmean, best_idx, nans, m, log_s = _row_reduce(x_row, V, inv_t, softcap, inv_softcap, BLOCK,
                                                                     HAS_CAP, STATS)
-    safe = tl.minimum(tl.maximum(label, 0), V - 1)  # the Python layer rejects out-of-range labels
+    safe = tl.minimum(tl.maximum(label, 0), V - 1)  # read in bounds; a label outside [0, V) gives NaN
     z_y, _ = _transform(tl.load(x_row + safe).to(tl.float32), inv_t, softcap, inv_softcap, HAS_CAP)
     nan = float("nan")
-    bad = nans > 0
+    bad = (nans > 0) | (safe != label)
     lse = tl.where(bad, nan, lse)
     tl.store(lse_ptr + row, lse)
     tl.store(logp_ptr + row, z_y - lse)
@@ -147,12 +147,12 @@ def logprobs_fwd_kernel(
         if KL:
             # KL needs the policy lse, so the reference pass comes second and also yields the reference lse.
             rlse, kl, rnans = _ref_kl_reduce(r_row, x_row, m, log_s, V, inv_t, softcap, inv_softcap, BLOCK, HAS_CAP)
-            rlse = tl.where(rnans > 0, nan, rlse)
+            rlse = tl.where((rnans > 0) | bad, nan, rlse)
             tl.store(rlse_ptr + row, rlse)
-            tl.store(kl_ptr + row, tl.where(rnans > 0, nan, kl))
+            tl.store(kl_ptr + row, tl.where((rnans > 0) | bad, nan, kl))
         else:
             rlse, _, _, _, _, rnans, _, _ = _row_reduce(r_row, V, inv_t, softcap, inv_softcap, BLOCK, HAS_CAP, False)
-            rlse = tl.where(rnans > 0, nan, rlse)
+            rlse = tl.where((rnans > 0) | (safe != label), nan, rlse)
         rz_y, _ = _transform(tl.load(r_row + safe).to(tl.float32), inv_t, softcap, inv_softcap, HAS_CAP)
         tl.store(ref_ptr + row, rz_y - rlse)
 

@@ -13,9 +13,10 @@ import dataclasses
 import torch
 
 from fastdpo import _validation
+from fastdpo.losses import diagnostics as _diagnostics
 from fastdpo.losses import metrics as _metrics
 from fastdpo.losses.plan import LossPlan, check_batch, make_plan
-from fastdpo.losses.registry import f_divergence_scores
+from fastdpo.losses.registry import SequenceStats, f_divergence_scores
 from fastdpo.losses.sequences import PaddedLayout, sequence_stats, wpo_weights
 from fastdpo.ops.logprobs import FusedLogprobs
 
@@ -29,7 +30,9 @@ class DPOOutput:
     ``rejected_rewards``: detached implicit rewards (``beta * log-ratio`` for
     reference-based losses). ``metrics``: detached 0-d tensors under TRL's keys.
     ``policy_logps`` / ``ref_logps``: all ``N`` sequence log-probs (``ref_logps`` None
-    when reference-free).
+    when reference-free). ``diagnostics``: with ``diagnostics=True``, the batch's raw
+    training-dynamics values (:class:`fastdpo.losses.diagnostics.Diagnostics`), whose summary is
+    also in ``metrics`` under ``diagnostics/...``; else None.
     """
 
     loss: torch.Tensor
@@ -40,10 +43,36 @@ class DPOOutput:
     metrics: dict
     policy_logps: torch.Tensor
     ref_logps: torch.Tensor | None
+    diagnostics: _diagnostics.Diagnostics | None = None
 
 
 def loss_from_tokens(tok: FusedLogprobs, layout, *, ref_logps, plan: LossPlan, ld_alpha, use_weighting,
-                     token_weights, pair_weights, desirable) -> DPOOutput:
+                     token_weights, pair_weights, desirable, diagnostics: bool = False,
+                     temperature: float = 1.0) -> DPOOutput:
+    """The loss, rewards and metrics of a batch from its per-token kernel outputs ``tok`` laid out by ``layout``.
+
+    ``diagnostics=True`` adds the training-dynamics diagnostics (``temperature``: the one the kernel
+    divided the logits by, for the logits-gradient norms); the loss is still evaluated once."""
+    _diagnostics.check_flag(diagnostics)
+    kw = dict(ref_logps=ref_logps, plan=plan, ld_alpha=ld_alpha, use_weighting=use_weighting,
+              token_weights=token_weights, pair_weights=pair_weights, desirable=desirable)
+    if not diagnostics:
+        return _evaluate(tok, layout, **kw)[0]
+    probe = _diagnostics.Probe(tok)
+    with probe.context():
+        out, s = _evaluate(probe.tok, layout, **kw)
+        out.diagnostics = _diagnostics.compute(probe.tok, s, layout, out.loss, out.chosen_rewards,
+                                               out.rejected_rewards, temperature=temperature,
+                                               retain_graph=not probe.detach_outputs)
+    out.metrics.update(out.diagnostics.summary())
+    if probe.detach_outputs:  # evaluated with a graph only for the diagnostics: hand back what no-grad mode gives
+        for f in ("loss", "chosen_logps", "rejected_logps", "policy_logps"):
+            setattr(out, f, getattr(out, f).detach())
+    return out
+
+
+def _evaluate(tok: FusedLogprobs, layout, *, ref_logps, plan: LossPlan, ld_alpha, use_weighting,
+              token_weights, pair_weights, desirable) -> tuple[DPOOutput, SequenceStats]:
     n = layout.num_seqs
     K = 1 if (plan.unpaired and desirable is not None) else plan.num_blocks
     if plan.unpaired and desirable is None:
@@ -91,19 +120,21 @@ def loss_from_tokens(tok: FusedLogprobs, layout, *, ref_logps, plan: LossPlan, l
         chosen, rejected = s.chosen_logps, s.rejected_logps
     if not isinstance(loss, torch.Tensor):  # pragma: no cover - every objective returns a tensor
         loss = torch.tensor(loss, device=layout.mask.device)
-    return DPOOutput(loss, chosen, rejected, cr, rr, metrics, s.logps, s.ref_logps)
+    return DPOOutput(loss, chosen, rejected, cr, rr, metrics, s.logps, s.ref_logps), s
 
 
 def run(tok_fn, labels, n, have_ref_tokens, *, ref_logps, loss_type, beta, label_smoothing, loss_weights,
         f_divergence_type, f_alpha_divergence_coef, ld_alpha, use_weighting, discopop_tau, ignore_index,
-        token_weights, pair_weights, desirable, variant_options, reference_free=False) -> DPOOutput:
+        token_weights, pair_weights, desirable, variant_options, diagnostics=False,
+        reference_free=False) -> DPOOutput:
     """Plan the options, check the batch, get the per-token outputs from ``tok_fn(kl: bool)`` and
     evaluate the loss on the padded ``[N, T]`` layout of ``labels``."""
     plan = make_plan(loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
                      ld_alpha, use_weighting, discopop_tau, variant_options, reference_free=reference_free)
     _validation.check_int(ignore_index, "ignore_index")
+    _diagnostics.check_flag(diagnostics)
     check_batch(plan, n, desirable, ref_logps, have_ref_tokens, pair_weights, token_weights, labels)
     tok = tok_fn(plan.token_kl)
     return loss_from_tokens(tok, PaddedLayout(labels, ignore_index), ref_logps=ref_logps, plan=plan,
                             ld_alpha=ld_alpha, use_weighting=use_weighting, token_weights=token_weights,
-                            pair_weights=pair_weights, desirable=desirable)
+                            pair_weights=pair_weights, desirable=desirable, diagnostics=diagnostics)
