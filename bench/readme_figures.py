@@ -95,6 +95,16 @@ def _one_machine(*metas: dict) -> None:
                            "python bench/remeasure.py")
 
 
+def _table(rows, groups, cells) -> list[str]:
+    """Markdown rows ``| label | cells(name, group) for each group |`` (rows without any figure left out)."""
+    out = []
+    for label, name in rows:
+        c = [x for by in groups for x in cells(name, by)]
+        if any(x not in ("", "—") for x in c):
+            out.append(f"| {label} | " + " | ".join(c) + " |")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- blocks
 
 def block_logprobs() -> str:
@@ -114,16 +124,13 @@ def block_logprobs() -> str:
            "| | fp32 time | vs naive | vs TRL `selective_log_softmax` | extra memory | bf16 time | vs naive | vs TRL "
            "| extra memory |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for label, name in rows:
-        cells = []
-        for by in (fp32, bf16):
-            r = by.get(name)
-            anchor = name in ("naive", "trl-selective")
-            cells += [_ms(r), "1.00×" if name == "naive" and r else _ratio(by.get("naive"), r),
-                      "" if anchor else _ratio(by.get("trl-selective"), r), _mb(r)]
-        if not any(c not in ("", "—") for c in cells):
-            continue
-        out.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    def cells(name, by):
+        r = by.get(name)
+        return [_ms(r), "1.00×" if name == "naive" and r else _ratio(by.get("naive"), r),
+                "" if name in ("naive", "trl-selective") else _ratio(by.get("trl-selective"), r), _mb(r)]
+
+    out += _table(rows, (fp32, bf16), cells)
     gib = {dt: N * V * b / 2**20 for dt, b in (("fp32", 4), ("bf16", 2))}
     out += ["", f"The extra memory of the default path is the one `[N, V]` gradient buffer ({gib['fp32']:.0f} MiB in "
             f"fp32, {gib['bf16']:.0f} MiB in bf16); with `inplace_backward=True` it is none."]
@@ -149,15 +156,15 @@ def block_linear() -> str:
             ("TRL `ChunkedLogProbFunction`", "trl-chunked"), ("Liger `LigerFusedLinearDPOLoss`", "liger-dpo"),
             ("the 4 GEMMs (policy logits, both gradients, reference logits)", "floor-gemm"),
             ("the same 4 GEMMs over response tokens only", "floor-gemm-response")]
-    for label, name in rows:
-        cells = []
-        for by in (r32, r16):
-            r = by.get(name)
-            vs = _ratio(r, by.get("floor-gemm"), "")
-            if name == "fastdpo-linear-cpu" and r and by.get("floor-gemm-response"):
-                vs += f" ({_ratio(r, by['floor-gemm-response'], '')} of the response-token GEMMs)"
-            cells += [_ms(r), vs, _mb(r)]
-        out.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    def cells(name, by):
+        r = by.get(name)
+        vs = _ratio(r, by.get("floor-gemm"), "")
+        if name == "fastdpo-linear-cpu" and r and by.get("floor-gemm-response"):
+            vs += f" ({_ratio(r, by['floor-gemm-response'], '')} of the response-token GEMMs)"
+        return [_ms(r), vs, _mb(r)]
+
+    out += _table(rows, (r32, r16), cells)
     ours32, ours16 = r32.get("fastdpo-linear-cpu"), r16.get("fastdpo-linear-cpu")
     naive32, naive16 = r32.get("naive-linear"), r16.get("naive-linear")
     parts = []
@@ -183,52 +190,59 @@ def block_kl() -> str:
     case = next(iter(fp32.values()))["case"]
     out = [f"Per-token log-probs plus the full-vocabulary KL of the reference to the policy "
            f"(`fused_logprobs(..., ref_logits=..., kl=True)`), forward + backward with both upstream gradients "
-           f"non-zero on every token, N = {case['N']} tokens, V = {case['V']}, on {_machine(meta)}, by the main-job command "
-           f"`{meta['command']}` ({_provenance(meta)}; every measurement in {_link(folder)}):",
+           f"non-zero on every token, N = {case['N']} tokens, V = {case['V']}, on {_machine(meta)}, by the main-job "
+           f"command `{meta['command']}` ({_provenance(meta)}; every measurement in {_link(folder)}):",
            "",
            "| | fp32 time | vs naive | extra memory | bf16 time | vs naive | extra memory |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
     rows = [("fastdpo `cpu`", "fastdpo-cpu-kl"), ("fastdpo `torch` backend (the reference)", "fastdpo-torch-kl"),
             ("naive (two `log_softmax`es, the KL sum, autograd; as RRPO's and TDPO's code)", "naive-kl"),
             ("floor (read both logits twice, write the gradient)", "floor-kl")]
-    for label, name in rows:
-        cells = []
-        for by in (fp32, bf16):
-            r = by.get(name)
-            cells += [_ms(r), "" if name == "floor-kl" else _ratio(by.get("naive-kl"), r), _mb(r)]
-        if not any(c not in ("", "—") for c in cells):
-            continue
-        out.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    def cells(name, by):
+        r = by.get(name)
+        return [_ms(r), "" if name == "floor-kl" else _ratio(by.get("naive-kl"), r), _mb(r)]
+
+    out += _table(rows, (fp32, bf16), cells)
     return "\n".join(out)
 
 
-def _step(t: dict, name: str) -> dict:
+def _step(t: dict, name: str, like: dict) -> dict | None:
+    """The successful step ``name`` of timings.json (measured on the machine of ``like``), or None."""
     step = t["steps"].get(name)
     if step is None or step.get("returncode") != 0:
-        raise FiguresError(f"bench/results/timings.json has no successful step {name!r}; rerun python "
-                           "bench/remeasure.py")
+        return None
+    _one_machine(step, like)
     return step
+
+
+def _took(step: dict | None) -> str:
+    return "(not measured yet)" if step is None else _minutes(step["seconds"])
 
 
 def block_durations() -> str:
     t = _timings()
     main, _ = _result(MAIN, "logprobs")
-    _one_machine(t["meta"], main["meta"])
-    tests, job, quick = _step(t, "tests"), _step(t, "main"), _step(t, "bench-quick")
-    return (f"On {_machine(t['meta'])}, the tests take {_minutes(tests['seconds'])} (`{tests['command']}`), the "
-            f"main job {_minutes(job['seconds'])} (`{job['command']}`: the shapes of the tables below) and the "
-            f"quick pytest-benchmark set {_minutes(quick['seconds'])} (`{quick['command']}`); measured by "
-            "`python bench/remeasure.py`, as every figure below.")
+    meta = main["meta"]
+
+    def took(name: str, what: str) -> str:
+        step = _step(t, name, meta)
+        return f"{what} {_took(step)}" + (f" (`{step['command']}`)" if step else "")
+
+    return (f"On {_machine(meta)}: {took('tests', 'the tests take')}, {took('main', 'the main job')} and "
+            f"{took('bench-quick', 'the quick pytest-benchmark set')}, measured by `python bench/remeasure.py` as "
+            "every figure below.")
 
 
 def block_build() -> str:
     t = _timings()
-    cpu = _step(t, "build-cpu")
-    text = f"about {_minutes(cpu['seconds'])} for the CPU extension"
-    cuda = t["steps"].get("build-cuda")
-    if cuda and cuda.get("returncode") == 0 and not cuda.get("skipped"):
-        text += f" and {_minutes(cuda['seconds'])} for the CUDA one"
-    return text + f" on {t['meta']['machine']}, `python bench/remeasure.py`"
+    main, _ = _result(MAIN, "logprobs")
+    cpu = _step(t, "build-cpu", main["meta"])
+    text = f"about {_took(cpu)} for the CPU extension"
+    cuda = _step(t, "build-cuda", main["meta"])
+    if cuda is not None and not cuda.get("skipped"):
+        text += f" and {_took(cuda)} for the CUDA one"
+    return text + f" on {main['meta']['machine']}, as measured by `python bench/remeasure.py`"
 
 
 def block_sets() -> str:
@@ -240,8 +254,9 @@ def block_sets() -> str:
                     f"{meta['machine']}, torch {meta['torch']}, {meta['threads']} threads | `{meta['command']}` | "
                     f"{meta['date']} |")
     t = _timings()
-    rows.append(f"| `timings.json` (how long the README's commands take) | {t['meta']['machine']} | "
-                f"`python bench/remeasure.py` | {t['meta']['date']} |")
+    for name, step in t["steps"].items():
+        rows.append(f"| `timings.json`: {name} (wall time: {_minutes(step['seconds'])}, exit {step['returncode']}) | "
+                    f"{step['machine']} | `{step['command']}` | {step['date']} |")
     return "\n".join(rows)
 
 

@@ -109,7 +109,9 @@ def main(argv=None) -> int:
         if name in REPLACES and REPLACES[name].exists():
             shutil.rmtree(REPLACES[name])
         try:
-            timings["steps"][name] = _run(name, plan[name], step_env)
+            timings["steps"][name] = {**_run(name, plan[name], step_env),
+                                      **{k: meta[k] for k in ("device", "machine", "revision")},
+                                      "date": time.strftime("%Y-%m-%d %H:%M:%S")}
         finally:
             if cache:
                 shutil.rmtree(cache, ignore_errors=True)

@@ -43,7 +43,7 @@ class Case:
 @dataclasses.dataclass(frozen=True)
 class Provider:
     name: str
-    kind: str  # "fastdpo", "reference" (fastdpo's plain-torch oracle and fallback), "anchor" or "floor"
+    kind: str  # "fastdpo", "reference" (fastdpo's plain-torch oracle and fallback), "variant", "anchor" or "floor"
     build: Callable[[Case], Callable[[], None]]
     unavailable: Callable[[str], str | None] = lambda device: None  # None = runnable, else the reason
     impl: str = ""  # the implementation across suites (one colour per implementation in every plot)
@@ -75,6 +75,9 @@ STYLES = {
     "fastdpo-triton": Style("fastdpo triton", "#2ca02c"),
     "fastdpo-cuda": Style("fastdpo cuda", "#9467bd"),
     "fastdpo-torch": Style("fastdpo torch backend (the reference; fallback)", "#c5b0d5", "//"),
+    "fastdpo-cpu-diag": Style("fastdpo cpu, diagnostics=True", "#aec7e8", "xx"),
+    "fastdpo-triton-diag": Style("fastdpo triton, diagnostics=True", "#98df8a", "xx"),
+    "fastdpo-cuda-diag": Style("fastdpo cuda, diagnostics=True", "#b5a3d9", "xx"),
     "naive": Style("naive torch + autograd", "#d62728"),
     "naive-compile": Style("torch.compile of naive", "#ff7f0e"),
     "trl": Style("TRL", "#8c564b"),
@@ -437,7 +440,7 @@ LINEAR_PROVIDERS: list[Provider] = [
 LINEAR_PROVIDERS += [
     Provider(f"fastdpo-linear-{b}-diag", "variant",
              (lambda b: lambda c: _linear_step(_fastdpo_linear(b, c.device, diagnostics=True), c))(b),
-             _fastdpo_unavailable(b))
+             _fastdpo_unavailable(b), f"fastdpo-{b}-diag")
     for b in ("cpu", "triton", "cuda")
 ]
 
