@@ -61,8 +61,11 @@ def _run(name: str, cmd: list[str], env: dict) -> dict:
     p = subprocess.run([sys.executable, *cmd[1:]] if cmd[0] == "python" else cmd, cwd=ROOT, env=env,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seconds = time.monotonic() - t0
+    log = ROOT / "bench" / "runs" / "remeasure" / f"{name}.log"  # git-ignored
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(p.stdout)
     sys.stdout.write(p.stdout[-4000:])
-    print(f"=== {name}: exit {p.returncode} after {seconds:.0f} s", flush=True)
+    print(f"=== {name}: exit {p.returncode} after {seconds:.0f} s (full output: {log.relative_to(ROOT)})", flush=True)
     return {"command": shlex.join(cmd), "seconds": round(seconds, 1), "returncode": p.returncode,
             "skipped": p.stdout.lstrip().startswith("skip")}
 
