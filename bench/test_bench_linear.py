@@ -23,7 +23,7 @@ SHAPES = {
              ("152k", (8192, 3584, 152064)), ("256k", (8192, 3584, 262144))],
 }
 QUICK = dict(shapes=["small"], dtypes=["fp32"], modes=["fwd+bwd"])
-FULL = dict(shapes=["32k", "128k", "152k", "256k"], dtypes=["fp32", "bf16"], modes=["fwd", "bwd", "fwd+bwd"])
+FULL = dict(shapes=["small", "32k", "128k", "152k", "256k"], dtypes=["fp32", "bf16"], modes=["fwd", "bwd", "fwd+bwd"])
 
 
 def test_linear_dpo(benchmark, linear_provider, mode, dtype, shape, device):

@@ -106,3 +106,40 @@ def test_default_benchmark_shapes_are_the_readme_shapes():
         shapes = {(r["case"]["N"], r["case"]["H"], r["case"]["V"]) if suite == "linear" else
                   (r["case"]["N"], r["case"]["V"]) for r in data["results"]}
         assert shapes == set(defaults), (suite, shapes)
+
+
+def test_readme_installs_from_a_checkout_with_two_commands_at_the_top():
+    text = (ROOT / "README.md").read_text()
+    top = text[: text.index("\n## ")]
+    assert re.findall(r"```bash\n(.*?)\n```", top, re.S) == [
+        'pip install -e ".[dev]" && python -m fastdpo.bench', 'pip install -e ".[dev]" && python -m pytest -q']
+    assert not re.search(r"pip install +['\"]?fastdpo", text)  # not on a package index (yet)
+    install = text[text.index("## Install"):]
+    install = install[: install.index("\n## ", 1)]
+    assert "git clone" in install and 'pip install -e ".[trl]"' in install
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in install
+
+
+def test_committed_results_show_the_torch_fallback_no_slower_than_naive():
+    for suite, naive in (("logprobs", "naive"), ("kl", "naive-kl")):
+        [path] = list((ROOT / "bench" / "results" / "main").glob(f"*/{suite}.json"))
+        rows = json.loads(path.read_text())["results"]
+        for dtype in ("fp32", "bf16"):
+            by = {r["provider"]: r for r in rows if r["case"]["dtype"] == dtype and "error" not in r}
+            ref = by["fastdpo-torch" if suite == "logprobs" else "fastdpo-torch-kl"]
+            assert ref["kind"] == "reference"
+            assert ref["median_ms"] <= by[naive]["median_ms"], (suite, dtype, ref["median_ms"], by[naive]["median_ms"])
+
+
+def test_quick_benchmark_set_by_default_full_set_behind_a_flag():
+    def collected(*flags):
+        p = subprocess.run([sys.executable, "-m", "pytest", "bench/", "--benchmark-only", "--collect-only", "-q",
+                            *flags], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert p.returncode == 0, p.stdout + p.stderr
+        return [line for line in p.stdout.splitlines() if "::" in line]
+
+    quick, full = collected(), collected("--bench-full")
+    assert set(quick) < set(full) and 4 * len(quick) < len(full)
+    assert all("fwd+bwd-fp32" in t for t in quick)
+    assert any("bf16" in t for t in full) and any("-bwd-" in t for t in full)

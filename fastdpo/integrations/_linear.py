@@ -133,7 +133,7 @@ def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
         raise ValueError(f"fastdpo: unknown per-token output(s) {sorted(unknown)}; expected {OPTIONAL_OUTPUTS}")
     _validation.check_positive(temperature, "temperature")
     _validation.check_positive(softcap, "final_logit_softcapping", allow_none=True)
-    _validation.check_positive(logit_scale, "logit_scale")
+    _validation.check_finite(logit_scale, "logit_scale")
     return LinearLogprobsFunction.apply(hidden, weight, bias, targets, float(temperature), softcap,
                                         float(logit_scale), outputs, str(backend), int(block_elements),
                                         int(ignore_index))

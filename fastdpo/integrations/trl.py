@@ -42,13 +42,14 @@ def check_trl_version(version: str | None = None) -> str:
         try:
             import trl
         except ImportError as e:
-            raise ImportError("fastdpo.integrations.trl needs TRL: pip install 'fastdpo[trl]'") from e
+            raise ImportError(f"fastdpo.integrations.trl needs TRL: pip install 'trl{SUPPORTED_TRL}' (or, in a fastdpo "
+                              "checkout, pip install -e '.[trl]')") from e
         version = trl.__version__
     t = _version_tuple(version)
     if not (_MIN <= t[:3] and t[:2] < _MAX):
         raise ImportError(
             f"fastdpo.integrations.trl supports trl{SUPPORTED_TRL} (its DPOTrainer loss code and fused LM head), "
-            f"found trl {version}. Install a supported version: pip install 'fastdpo[trl]'"
+            f"found trl {version}. Install a supported version: pip install 'trl{SUPPORTED_TRL}'"
         )
     return version
 
