@@ -16,6 +16,9 @@ from typing import Optional
 
 import torch
 
+from fastdpo import _validation
+from fastdpo.kernels._device import on_input_device
+
 _ops = None
 
 
@@ -47,7 +50,13 @@ def _define_ops():
 
     from fastdpo.kernels import triton_logprobs as k
 
-    @triton_op("fastdpo::logprobs_fwd_triton", mutates_args=())
+    def op(name, mutates_args, same_as):
+        if isinstance(k.logprobs_fwd_kernel, triton.runtime.JITFunction):
+            return triton_op(name, mutates_args=mutates_args)
+        return _interpreter_op(name, mutates_args, same_as)
+
+    @op("fastdpo::logprobs_fwd_triton", mutates_args=(), same_as="logprobs_fwd")
+    @on_input_device
     def fwd(logits: torch.Tensor, labels: torch.Tensor, ref_logits: Optional[torch.Tensor], ignore_index: int,
             temperature: float, softcap: float, stats: bool, kl: bool = False
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,6 +82,7 @@ def _define_ops():
             )
         return logp, lse, ref, st, kl_out, ref_lse
 
+    @on_input_device
     def launch_bwd(grad, logits, labels, lse, out, ignore_index, temperature, softcap, grad_kl, ref_logits, ref_lse):
         _check_kl_bwd(grad_kl, ref_logits, ref_lse)
         B, T, V = logits.shape
@@ -90,7 +100,7 @@ def _define_ops():
             HAS_CAP=has_cap, HAS_KL=has_kl, num_warps=_warps(block),
         )
 
-    @triton_op("fastdpo::logprobs_bwd_triton", mutates_args=())
+    @op("fastdpo::logprobs_bwd_triton", mutates_args=(), same_as="logprobs_bwd")
     def bwd(grad_logp: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
             ignore_index: int, temperature: float, softcap: float, grad_kl: Optional[torch.Tensor] = None,
             ref_logits: Optional[torch.Tensor] = None, ref_lse: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -99,7 +109,7 @@ def _define_ops():
                    ref_lse)
         return out
 
-    @triton_op("fastdpo::logprobs_bwd_triton_", mutates_args=("logits",))
+    @op("fastdpo::logprobs_bwd_triton_", mutates_args=("logits",), same_as="logprobs_bwd_")
     def bwd_inplace(grad_logp: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                     ignore_index: int, temperature: float, softcap: float, grad_kl: Optional[torch.Tensor] = None,
                     ref_logits: Optional[torch.Tensor] = None, ref_lse: Optional[torch.Tensor] = None) -> None:
@@ -107,6 +117,19 @@ def _define_ops():
                    ref_lse)
 
     return fwd, bwd, bwd_inplace
+
+
+def _interpreter_op(name, mutates_args, same_as):
+    """Under TRITON_INTERPRET=1 the kernels are Python functions that torch.compile cannot trace into:
+    register the body as an opaque custom op instead of a triton_op, whose fake kernel is that of the
+    ``fastdpo::`` op with the same contract (called on the fake tensors)."""
+
+    def register(fn):
+        custom = torch.library.custom_op(name, fn, mutates_args=mutates_args)
+        custom.register_fake(lambda *args, **kwargs: getattr(torch.ops.fastdpo, same_as)(*args, **kwargs))
+        return custom
+
+    return register
 
 
 def _get_ops():
@@ -153,6 +176,7 @@ def _launch_consts(temperature: float, softcap: float | None):
     return 1.0 / temperature, cap, (1.0 / cap if cap > 0 else 0.0), cap > 0
 
 
+@on_input_device
 def lse_fold(tile, labels, v_offset: int, m, s, z_label, temperature: float = 1.0, softcap: float | None = None):
     """Fold a logits tile ``[n, c]`` (vocabulary ids ``v_offset .. v_offset + c``) into
     the running max ``m [n]`` and sum ``s [n]`` (fp32, in place; start from -inf and 0),
@@ -170,6 +194,7 @@ def lse_fold(tile, labels, v_offset: int, m, s, z_label, temperature: float = 1.
                             BLOCK=block, HAS_CAP=has_cap, num_warps=_warps(block))
 
 
+@on_input_device
 def tile_grad_(tile, labels, v_offset: int, lse, grad, temperature: float = 1.0, softcap: float | None = None):
     """Overwrite a recomputed logits tile ``[n, c]`` with ``grad * (onehot - softmax) * dz/dx``
     (``lse`` and ``grad`` are fp32 ``[n]``; rows with ``grad == 0`` become 0)."""
@@ -189,8 +214,9 @@ def tile_grad_(tile, labels, v_offset: int, lse, grad, temperature: float = 1.0,
 
 
 def _segment_offsets(seq_index: torch.Tensor, num_segments: int) -> torch.Tensor:
-    if seq_index.numel() > 1 and bool((seq_index[1:] < seq_index[:-1]).any()):
-        raise ValueError("fastdpo: seq_index must be non-decreasing (tokens of one sequence packed together)")
+    if seq_index.numel() > 1:
+        _validation.require((seq_index[1:] >= seq_index[:-1]).all(),
+                            "fastdpo: seq_index must be non-decreasing (tokens of one sequence packed together)")
     bounds = torch.arange(num_segments + 1, device=seq_index.device, dtype=seq_index.dtype)
     return torch.searchsorted(seq_index, bounds)
 
@@ -203,6 +229,7 @@ def segment_sum_torch(values: torch.Tensor, seq_index: torch.Tensor, num_segment
         values.new_zeros(0, dtype=torch.float32)
 
 
+@on_input_device
 def segment_sum(values: torch.Tensor, seq_index: torch.Tensor, num_segments: int) -> torch.Tensor:
     """Per-sequence sums of per-token values for packed (padding-free) batches:
     ``out[k] = sum(values[seq_index == k])`` with ``seq_index`` non-decreasing.

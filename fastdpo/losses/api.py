@@ -193,13 +193,13 @@ def linear_dpo_loss(
     need = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     chunks = None
     if strategy != "recompute" and any(need):
-        budget = o.rows * weight.shape[0] * hidden.element_size()
+        elem = o.dtype.itemsize  # of the logits tiles (autocast's dtype under autocast)
+        budget = o.rows * weight.shape[0] * elem
         not_separable = [sp.name for sp, _, _ in plan.terms if not sp.separable]
         with_kl = plan.kl_losses
         if not not_separable and not with_kl:
-            counts = (labels != ignore_index).sum(1).tolist()
-            chunks = linear.group_chunks(counts, groups(plan, n), weight.shape[0], hidden.element_size(),
-                                         budget)
+            counts = list(o.counts)  # read once on the host by linear.prepare
+            chunks = linear.group_chunks(counts, groups(plan, n), weight.shape[0], elem, budget)
         if chunks is None and strategy == "grad_in_forward":
             why = (f"loss_type {not_separable} is not separable over pairs" if not_separable else
                    f"loss_type {with_kl} needs the token-level KL, whose gradient the recompute strategy forms"

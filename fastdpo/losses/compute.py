@@ -75,8 +75,10 @@ def _evaluate(tok: FusedLogprobs, layout, *, ref_logps, plan: LossPlan, ld_alpha
               token_weights, pair_weights, desirable) -> tuple[DPOOutput, SequenceStats]:
     n = layout.num_seqs
     K = 1 if (plan.unpaired and desirable is not None) else plan.num_blocks
+    n_desirable = None
     if plan.unpaired and desirable is None:
         desirable = torch.arange(n, device=layout.mask.device) < n // 2
+        n_desirable = n // 2
     if ld_alpha is not None and K == 1:
         raise ValueError("fastdpo: ld_alpha needs paired responses ([chosen; rejected] layout), not desirable=")
     if plan.token_kl and tok.kl is None:
@@ -99,6 +101,7 @@ def _evaluate(tok: FusedLogprobs, layout, *, ref_logps, plan: LossPlan, ld_alpha
         loss = loss + per.mean() * weight
 
     sp0, cfg0, _ = plan.terms[0]
+    split = _by_desirability(desirable, n_desirable) if desirable is not None else None
     with torch.no_grad():
         if sp0.rewards is not None:
             cr, rr = sp0.rewards(s, cfg0)
@@ -106,7 +109,7 @@ def _evaluate(tok: FusedLogprobs, layout, *, ref_logps, plan: LossPlan, ld_alpha
             r = cfg0.beta * (s.logratios.view(K, -1) if K > 1 else s.logratios)
             if desirable is not None:
                 r = r.reshape(-1)
-                cr, rr = r[desirable], r[~desirable]
+                cr, rr = r[split[0]], r[split[1]]
             else:
                 cr, rr = r[0], r[1]
         cr, rr = cr.detach(), rr.detach()
@@ -115,12 +118,21 @@ def _evaluate(tok: FusedLogprobs, layout, *, ref_logps, plan: LossPlan, ld_alpha
         metrics["nll_loss"] = s.metrics.pop("nll_loss").detach()
     metrics.update({k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in s.metrics.items()})
     if desirable is not None:
-        chosen, rejected = s.logps[desirable], s.logps[~desirable]
+        chosen, rejected = s.logps[split[0]], s.logps[split[1]]
     else:
         chosen, rejected = s.chosen_logps, s.rejected_logps
     if not isinstance(loss, torch.Tensor):  # pragma: no cover - every objective returns a tensor
         loss = torch.tensor(loss, device=layout.mask.device)
     return DPOOutput(loss, chosen, rejected, cr, rr, metrics, s.logps, s.ref_logps), s
+
+
+def _by_desirability(desirable: torch.Tensor, n_desirable: int | None):
+    """Indices of the desirable and of the undesirable sequences, each in order. Their number (the
+    outputs' sizes) is read from the device once when not known: one host sync, instead of one
+    per boolean selection."""
+    k = int(desirable.sum()) if n_desirable is None else n_desirable
+    order = torch.argsort((~desirable).to(torch.uint8), stable=True)
+    return order[:k], order[k:]
 
 
 def run(tok_fn, labels, n, have_ref_tokens, *, ref_logps, loss_type, beta, label_smoothing, loss_weights,
