@@ -80,10 +80,11 @@ def main(argv=None) -> int:
     reps = ([] if args.warmup is None else ["--warmup", str(args.warmup)]) + (
         [] if args.reps is None else ["--reps", str(args.reps)])
     plan = steps(reps)
-    wanted = list(plan) + ["render"] if args.steps is None else args.steps.split(",")
-    unknown = set(wanted) - set(plan) - {"render"}
+    asked = list(plan) + ["render"] if args.steps is None else args.steps.split(",")
+    unknown = set(asked) - set(plan) - {"render"}
     if unknown:
         ap.error(f"unknown steps {sorted(unknown)}")
+    wanted = [name for name in [*plan, "render"] if name in asked]  # always in the order above
 
     sys.path.insert(0, str(ROOT))
     import torch
