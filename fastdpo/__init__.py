@@ -7,6 +7,7 @@ the per-token / per-sequence log-probs those kernels return.
 
 from fastdpo._backends import Backend, BackendUnavailableError, available_backends
 from fastdpo._build import BuildError
+from fastdpo._version import __version__
 from fastdpo.ops.linear import linear_token_logprobs
 from fastdpo.ops.logprobs import FusedLogprobs, TokenLogprobs, fused_logprobs, token_logprobs
 from fastdpo.ops.vocab_parallel import vocab_parallel_linear_logprobs, vocab_parallel_logprobs
@@ -24,7 +25,6 @@ from fastdpo.losses import (
     sequence_sums,
 )
 
-__version__ = "0.1.0"
 
 __all__ = [
     "BCOLoss",

@@ -18,7 +18,7 @@ from fastdpo.bench.providers import PROVIDERS, Case
 
 def test_arguments_and_defaults():
     a = gpu.parse_args([])
-    assert a.out == "bench/results" and a.dtype == "bf16" and a.budget_s < 8 * 60 and a.wheels is None
+    assert a.out is None and a.dtype == "bf16" and a.budget_s < 8 * 60 and a.wheels is None
     a = gpu.parse_args(["--wheels", "/w", "--budget-s", "300", "--skip-tests", "--reps", "3"])
     assert a.wheels == "/w" and a.budget_s == 300 and a.skip_tests and a.reps == 3
     with pytest.raises(SystemExit):

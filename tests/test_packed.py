@@ -95,7 +95,8 @@ def test_dpo_loss_packed_equals_padded(name, ref_mode, weighted, backend):
     n = _num_seqs(name)
     x, r, y, w, lengths = _padded(n, seed=sum(map(ord, name)) % 50)
     ref_logps = -torch.rand(n) * 5 if ref_mode == "logps" else None
-    opts = dict(loss_type=name, backend=backend, ref_logps=ref_logps, **EXTRA.get(name, {}))
+    free = ref_mode == "none" and L.get_loss(name).reference == "optional"
+    opts = dict(loss_type=name, backend=backend, ref_logps=ref_logps, reference_free=free, **EXTRA.get(name, {}))
     xa = x.clone().requires_grad_()
     a = L.dpo_loss(xa, y, ref_logits=r if ref_mode == "logits" else None, token_weights=w if weighted else None,
                    **opts)
@@ -406,15 +407,15 @@ def test_bad_packed_shapes_and_sequence_counts_raise():
     with pytest.raises(ValueError, match=r"ref_logits must have the shape of logits"):
         L.dpo_loss(xp, yp, ref_logits=rp[:-1], cu_seqlens=cu)
     with pytest.raises(ValueError, match=r"token_weights must have the shape of labels"):
-        L.dpo_loss(xp, yp, token_weights=torch.ones(yp.numel() - 1), cu_seqlens=cu)
+        L.dpo_loss(xp, yp, token_weights=torch.ones(yp.numel() - 1), cu_seqlens=cu, reference_free=True)
     # sequence counts: the packing holds 3 sequences, a pair loss needs [chosen; rejected]
     three = [0, cu[1].item(), cu[2].item(), yp.numel()]
     with pytest.raises(ValueError, match=r"must hold \[chosen; rejected\] .* got 3 sequences"):
-        L.dpo_loss(xp, yp, cu_seqlens=three)
+        L.dpo_loss(xp, yp, cu_seqlens=three, reference_free=True)
     with pytest.raises(ValueError, match=r"ref_logps must be the \[4\] sequence-level reference log-probs"):
         L.dpo_loss(xp, yp, ref_logps=torch.zeros(6), cu_seqlens=cu)
     with pytest.raises(ValueError, match=r"pair_weights must have shape \(2,\)"):
-        L.dpo_loss(xp, yp, pair_weights=torch.ones(3), cu_seqlens=cu)
+        L.dpo_loss(xp, yp, pair_weights=torch.ones(3), cu_seqlens=cu, reference_free=True)
     with pytest.raises(ValueError, match=r"desirable must be a bool tensor of shape \(4,\)"):
         L.dpo_loss(xp, yp, loss_type="kto", kl=0.0, desirable=torch.ones(3, dtype=torch.bool), cu_seqlens=cu)
     with pytest.raises(ValueError, match=r"padded values must be \[N, T\]"):

@@ -24,6 +24,7 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -73,7 +74,8 @@ class Job:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m fastdpo.bench gpu", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="bench/results", help="results root; a <gpu>/ folder is made in it")
+    ap.add_argument("--out", default=None, help="results root, a <gpu>/ folder is made in it (default: a fresh "
+                    "bench/runs/<gpu>-<date>-<time>/, not under version control)")
     ap.add_argument("--budget-s", type=float, default=465.0,
                     help="wall-clock budget of the whole check in seconds (default: under 8 minutes)")
     ap.add_argument("--tests-budget-s", type=float, default=180.0, help="time limit of the gpu-marked tests")
@@ -158,7 +160,7 @@ def run_tests(seconds: float, root: Path) -> dict:
         out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         status = f"timed out after {seconds:.0f}s"
     lines = out.strip().splitlines()
-    return {"command": " ".join(cmd[1:]), "status": status, "seconds": round(time.monotonic() - t0, 1),
+    return {"command": shlex.join(["python", *cmd[1:]]), "status": status, "seconds": round(time.monotonic() - t0, 1),
             "summary": lines[-1] if lines else "", "tail": lines[-30:]}
 
 
@@ -230,6 +232,7 @@ def _plot(results: list[dict], path: Path, title: str) -> Path | None:
         return None
     cases = list(dict.fromkeys(Case(**r["case"]).label() for r in ok))
     provs = list(dict.fromkeys(r["provider"] for r in ok))
+    from fastdpo.bench.providers import PROVIDERS  # one colour and name per implementation, as in every plot
     fig, ax = plt.subplots(figsize=(3 + 2.4 * len(cases), 4.8))
     width = 0.8 / len(provs)
     for i, prov in enumerate(provs):
@@ -240,7 +243,9 @@ def _plot(results: list[dict], path: Path, title: str) -> Path | None:
                 continue
             r = hit[0]
             x = j + i * width
-            ax.bar(x, r["median_ms"], width, color=f"C{i % 10}", label=None if labelled else prov)
+            p = PROVIDERS[prov]
+            ax.bar(x, r["median_ms"], width, color=p.style.color, hatch=p.style.hatch, edgecolor="0.35",
+                   label=None if labelled else p.display)
             labelled = True
             note = f"{r['hbm_pct']:.0f}%" if r.get("hbm_pct") else (f"{r['x_floor']:.2f}x" if r.get("x_floor") else "")
             if note:
@@ -295,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     root = Path(__file__).resolve().parents[2]
     dev_name = bench.device_name(args.device)
-    out = Path(args.out) / dev_name
+    out = bench._output_folder(args.out, dev_name)
     notes = install_from_wheels(args.wheels) if args.wheels else []
     for n in notes:
         print("wheels: " + n)
@@ -340,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         roof = roofline.format_table(roofline.cuda_rows() + roofline.triton_rows()[0])
     except Exception as e:  # the roofline needs cuobjdump; say so instead of failing the check
         roof = f"roofline unavailable: {type(e).__name__}: {e}"
-    meta = {"device": dev_name, "command": "python -m fastdpo.bench gpu " + " ".join(argv or sys.argv[1:]),
+    meta = {"device": dev_name, "command": bench.command_line(["gpu", *(sys.argv[1:] if argv is None else argv)]),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), **_environment(args.device)}
     summary = {"meta": meta, "tests": tests, "wheels": notes, "skipped": skipped,
                "jobs": sum(len(v) for v in ran.values()), "seconds": round(time.monotonic() - t0, 1)}

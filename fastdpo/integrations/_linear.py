@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from fastdpo import _backends
+from fastdpo import _backends, _validation
 from fastdpo.ops import linear
 from fastdpo.ops.schema import STAT_NAMES
 
@@ -142,10 +142,9 @@ def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
     unknown = set(outputs) - set(OPTIONAL_OUTPUTS) - {"log_probs"}
     if unknown:
         raise ValueError(f"fastdpo: unknown per-token output(s) {sorted(unknown)}; expected {OPTIONAL_OUTPUTS}")
-    if temperature is None or float(temperature) <= 0:
-        raise ValueError(f"fastdpo: temperature must be > 0, got {temperature!r}")
-    if softcap is not None and float(softcap) <= 0:
-        raise ValueError(f"fastdpo: final_logit_softcapping must be > 0 or None, got {softcap!r}")
+    _validation.check_positive(temperature, "temperature")
+    _validation.check_positive(softcap, "final_logit_softcapping", allow_none=True)
+    _validation.check_finite(logit_scale, "logit_scale")
     return LinearLogprobsFunction.apply(hidden, weight, bias, targets, float(temperature), softcap,
                                         float(logit_scale), outputs, str(backend), int(block_elements),
                                         int(ignore_index))

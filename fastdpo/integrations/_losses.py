@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastdpo.losses import compute as _compute
-from fastdpo.losses.plan import LOSS_DEFAULTS, LossPlan, plan_from_options
+from fastdpo.losses.plan import LOSS_DEFAULTS, LossPlan, check_reference, make_plan, plan_from_options
 from fastdpo.losses.sequences import make_layout
 from fastdpo.ops.logprobs import FusedLogprobs
 from fastdpo.ops.schema import STAT_NAMES
@@ -76,38 +76,35 @@ def loss_from_token_logprobs(logps: torch.Tensor, labels: torch.Tensor, *, ref_t
                         use_weighting=opts["use_weighting"], discopop_tau=opts["discopop_tau"],
                         ignore_index=ignore_index, token_weights=token_weights, pair_weights=pair_weights,
                         desirable=desirable, variant_options=variant, average_log_prob=opts["average_log_prob"],
-                        diagnostics=diagnostics, layout=layout)
+                        diagnostics=diagnostics, layout=layout, reference_free=opts["reference_free"])
 
 
 def pair_losses(loss_type: str, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None,
                 **options):
     """Per-pair losses and detached ``(chosen_rewards, rejected_rewards)`` of a registered objective from
     sequence-level log-probs ``[B]`` (no token counts: length-normalising objectives see 1 token per sequence,
-    i.e. the inputs are used as given)."""
-    from fastdpo.losses.registry import LossConfig, SequenceStats, f_divergence_scores, get_loss
+    i.e. the inputs are used as given). ``options`` are the loss options of :func:`fastdpo.dpo_loss`, checked
+    the same way."""
+    from fastdpo.losses.registry import SequenceStats, f_divergence_scores
 
-    spec = get_loss(loss_type)
+    opts = {**LOSS_DEFAULTS, "loss_type": loss_type, **options}
+    variant = {k: v for k, v in opts.items() if k not in LOSS_DEFAULTS}
+    plan = make_plan(loss_type, None, opts["beta"], opts["label_smoothing"], opts["f_divergence_type"],
+                     opts["f_alpha_divergence_coef"], None, False, opts["discopop_tau"], variant,
+                     reference_free=opts["reference_free"])
+    [(spec, cfg, _)] = plan.terms
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
         raise ValueError("fastdpo: pass both reference log-probs or neither")
     logps = torch.cat([chosen_logps, rejected_logps])
     ref = None if ref_chosen_logps is None else torch.cat([ref_chosen_logps, ref_rejected_logps]).detach()
-    if spec.reference == "required" and ref is None:
-        raise ValueError(f"fastdpo: loss_type={loss_type!r} needs reference log-probs")
     if spec.token_kl:
         raise ValueError(f"fastdpo: loss_type={loss_type!r} needs the token-level KL to the reference over the "
                          "vocabulary, which sequence log-probs do not carry; use fastdpo.dpo_loss with ref_logits "
                          "(or linear_dpo_loss with ref_hidden)")
+    check_reference(plan, ref is not None, ways="reference_chosen_logps and reference_rejected_logps")
     if spec.reference == "unused":
         ref = None
     s = SequenceStats(logps, ref, logps, torch.ones_like(logps), 2)
-    common = {k: options.pop(k, LOSS_DEFAULTS[k]) for k in
-              ("beta", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef", "discopop_tau")}
-    unknown = set(options) - set(spec.defaults)
-    if unknown:
-        raise TypeError(f"fastdpo: unexpected option(s) {sorted(unknown)} for loss_type {loss_type!r}")
-    cfg = LossConfig(**common, **{k: options.get(k, v) for k, v in spec.defaults.items()})
-    if spec.validate is not None:
-        spec.validate(cfg)
     s.scores = f_divergence_scores(s.logratios, cfg.f_divergence_type, cfg.f_alpha_divergence_coef)
     losses = spec.fn(s, cfg)
     with torch.no_grad():

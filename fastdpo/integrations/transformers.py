@@ -30,6 +30,7 @@ import torch
 
 from fastdpo.integrations import _losses
 from fastdpo.integrations._linear import DEFAULT_BLOCK_ELEMENTS, linear_token_logprobs
+from fastdpo.losses.plan import check_reference
 
 __all__ = ["LMHeadTransform", "lm_head_transform", "causal_lm_logprobs", "causal_lm_dpo_loss", "CausalLMLogprobs"]
 
@@ -138,7 +139,8 @@ def causal_lm_dpo_loss(model, batch: dict, *, ref_model=None, ref_logps: torch.T
     (``-100`` on prompt and padding) or ``completion_mask``; other keys go to the backbone. The reference is
     ``ref_model`` (run without gradient on the same batch; a PEFT model's base is ``model`` with its adapter
     disabled, e.g. ``with model.disable_adapter(): ...``), ``ref_logps`` (``[2B]`` precomputed sequence
-    log-probs) or absent (reference-free). ``loss_options`` are those of :func:`fastdpo.dpo_loss`
+    log-probs) or absent: reference-free, which a reference-anchored loss needs asked for with
+    ``reference_free=True``. ``loss_options`` are those of :func:`fastdpo.dpo_loss`
     (``loss_type``, ``beta``, ``label_smoothing``, ``loss_weights``, ``ld_alpha``, ``use_weighting``, ...);
     ``token_weights`` are shaped like the shifted labels ``[2B, T-1]``.
 
@@ -151,6 +153,9 @@ def causal_lm_dpo_loss(model, batch: dict, *, ref_model=None, ref_logps: torch.T
                      ignore_index)
     if ref_model is not None and ref_logps is not None:
         raise ValueError("fastdpo: pass ref_model or ref_logps, not both")
+    # before running the model: a reference-anchored loss needs a reference (or reference_free=True)
+    check_reference(_losses.check_loss_options(**loss_options), ref_model is not None or ref_logps is not None,
+                    ways="ref_model (the reference model) or ref_logps (precomputed [2B] sequence log-probs)")
     common = dict(temperature=temperature, ignore_index=ignore_index, backend=backend,
                   block_elements=block_elements, **batch)
     pol = causal_lm_logprobs(model, input_ids, attention_mask, labels, stats=True, **common)

@@ -46,7 +46,8 @@ def check_trl_version(version: str | None = None) -> str:
         try:
             import trl
         except ImportError as e:
-            raise ImportError("fastdpo.integrations.trl needs TRL: pip install 'fastdpo[trl]'") from e
+            raise ImportError(f"fastdpo.integrations.trl needs TRL: pip install 'trl{SUPPORTED_TRL}' (or, in a fastdpo "
+                              "checkout, pip install -e '.[trl]')") from e
         version = trl.__version__
     return _trl_compat.check_version(version)
 

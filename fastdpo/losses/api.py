@@ -43,6 +43,8 @@ _LOSS_DOC = """
         diagnostics: also compute the training-dynamics diagnostics (likelihood displacement, loss
             reweighting, chosen / rejected logits-gradient norms, margins) from the same pass, in
             ``metrics`` under ``diagnostics/...`` and as ``DPOOutput.diagnostics`` (docs/diagnostics.md).
+        reference_free: use no reference for a reference-anchored loss (the policy log-probs stand in
+            for the log-ratios); it must be asked for explicitly, as a missing reference is an error.
         **variant_options: options of the chosen loss type(s) (see their docstrings).
 """
 
@@ -82,6 +84,7 @@ def dpo_loss(
     diagnostics: bool = False,
     cu_seqlens=None,
     position_ids: torch.Tensor | None = None,
+    reference_free: bool = False,
     **variant_options,
 ) -> DPOOutput:
     """DPO-family loss from policy logits in one fused pass over the vocabulary.
@@ -93,8 +96,9 @@ def dpo_loss(
             ``ignore_index`` marks prompt and padding.
         ref_logits: reference-model logits shaped like ``logits`` (no gradient), or
         ref_logps: ``[N]`` precomputed sequence-level reference log-probs in the same order.
-            With neither the loss is reference-free (log-ratios become policy log-probs), or an
-            error for losses that need a reference.
+            With neither, a loss anchored to a reference raises unless ``reference_free=True``
+            (log-ratios become policy log-probs); losses reference-free by definition (simpo, cpo,
+            orpo, ...) need neither.
         backend: kernel backend (``auto``, ``torch``, ``cpu``, ``triton``, ``cuda``).
         process_group: vocabulary-parallel: ``logits`` / ``ref_logits`` are this rank's vocabulary
             shard (see :func:`fastdpo.vocab_parallel_logprobs`); the loss and metrics are then the
@@ -127,7 +131,7 @@ def dpo_loss(
                 ld_alpha=ld_alpha, use_weighting=use_weighting, discopop_tau=discopop_tau,
                 ignore_index=ignore_index, token_weights=token_weights, pair_weights=pair_weights,
                 desirable=desirable, variant_options=variant_options, average_log_prob=average_log_prob,
-                diagnostics=diagnostics, layout=layout)
+                diagnostics=diagnostics, layout=layout, reference_free=reference_free)
 
 
 def linear_dpo_loss(
@@ -163,6 +167,7 @@ def linear_dpo_loss(
     diagnostics: bool = False,
     cu_seqlens=None,
     position_ids: torch.Tensor | None = None,
+    reference_free: bool = False,
     **variant_options,
 ) -> DPOOutput:
     """DPO-family loss from the LM head's inputs, ``logits = logit_scale * (hidden @ weight.T + bias)``,
@@ -197,7 +202,8 @@ def linear_dpo_loss(
     if strategy not in linear.STRATEGIES:
         raise ValueError(f"fastdpo: unknown strategy {strategy!r}; expected one of {', '.join(linear.STRATEGIES)}")
     plan = make_plan(loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
-                     ld_alpha, use_weighting, discopop_tau, variant_options, average_log_prob=average_log_prob)
+                     ld_alpha, use_weighting, discopop_tau, variant_options, average_log_prob=average_log_prob,
+                     reference_free=reference_free)
     _validation.check_int(ignore_index, "ignore_index")
     check_flag(diagnostics)
     _validation.check_tensor(labels, "labels")

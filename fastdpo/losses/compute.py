@@ -138,12 +138,13 @@ def _by_desirability(desirable: torch.Tensor, n_desirable: int | None):
 def run(tok_fn, labels, n, have_ref_tokens, *, ref_logps, loss_type, beta, label_smoothing, loss_weights,
         f_divergence_type, f_alpha_divergence_coef, ld_alpha, use_weighting, discopop_tau, ignore_index,
         token_weights, pair_weights, desirable, variant_options, average_log_prob=False,
-        diagnostics=False, layout=None) -> DPOOutput:
+        diagnostics=False, layout=None, reference_free=False) -> DPOOutput:
     """Plan the options, check the batch, get the per-token outputs from ``tok_fn(kl: bool)`` and
     evaluate the loss on ``layout`` (default: the padded ``[N, T]`` layout of ``labels``); ``n`` is
     the number of sequences."""
     plan = make_plan(loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
-                     ld_alpha, use_weighting, discopop_tau, variant_options, average_log_prob=average_log_prob)
+                     ld_alpha, use_weighting, discopop_tau, variant_options, average_log_prob=average_log_prob,
+                     reference_free=reference_free)
     _validation.check_int(ignore_index, "ignore_index")
     _diagnostics.check_flag(diagnostics)
     check_batch(plan, n, desirable, ref_logps, have_ref_tokens, pair_weights, token_weights, labels)

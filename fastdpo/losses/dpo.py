@@ -38,7 +38,7 @@ def _check_exo(cfg):
 
 def _check_cdpo(cfg):
     if cfg.cdpo and not (0.0 <= cfg.label_smoothing <= 0.5):
-        raise ValueError(f"fastdpo: cDPO label_smoothing must lie in [0, 0.5], got {cfg.label_smoothing}")
+        raise ValueError(f"fastdpo: cDPO label_smoothing must be >= 0 and <= 0.5, got {cfg.label_smoothing}")
 
 
 @register_loss("sigmoid", f_divergence=True, defaults={"cdpo": False}, validate=_check_cdpo)
