@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import torch
 
+from fastdpo import _validation
+
 # Elements per block of rows (64 MiB of float32 per workspace). Every op over a block is one
 # parallel region; blocks this large keep their number small, which matters most on a busy
 # machine (where smaller, cache-resident blocks lose far more to thread synchronisation).
@@ -109,7 +111,9 @@ def _block_fwd(z, y, valid, stats, ws, first):
     logp_y = lsm.gather(-1, safe_y).squeeze(-1)
     lse = z.gather(-1, safe_y).squeeze(-1) - logp_y  # log-sum-exp, as z_y - log p_y
     bad = ~torch.isfinite(lse)  # an infinite label logit: take it the long way
-    if torch.compiler.is_compiling() or bool(bad.any()):  # (no data-dependent branch in a traced graph)
+    # Reading bad.any() on the host is free on CPU but a device sync on GPUs, and a traced graph takes no
+    # data-dependent branch: there the long way is taken for every row.
+    if not _validation.host_checks(bad) or bool(bad.any()):
         lse = torch.where(bad, torch.logsumexp(z, -1), lse)
     logp = torch.where(valid, logp_y, 0.0)
     st = None
