@@ -1,12 +1,13 @@
-"""The measured figures of README.md (and the table of bench/results/README.md), rendered from the committed
-result files, so that every number the README quotes comes from a file, a command and one named machine.
+"""The measured figures of README.md and docs/ (and the table of bench/results/README.md), rendered from the
+committed result files, so that every number they quote comes from a file, a command and one named machine.
 
     python bench/readme_figures.py            # rewrite the generated blocks in place
     python bench/readme_figures.py --check    # exit 1 (and show the difference) when they are out of date
 
 Each generated block sits between ``<!-- figures:NAME ... -->`` and ``<!-- /figures:NAME -->``. The result
 files are those ``python bench/remeasure.py`` writes: ``bench/results/main/<device>/`` (the main job),
-``bench/results/fused-linear-bf16/<device>/`` and ``bench/results/timings.json`` (how long the README's
+``bench/results/fused-linear-bf16/<device>/``, ``bench/results/packed/<device>/`` (packed vs padded batches),
+``bench/results/diagnostics-overhead/<device>/`` and ``bench/results/timings.json`` (how long the README's
 commands take).
 """
 
@@ -16,14 +17,16 @@ import argparse
 import difflib
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-MAIN, LINEAR_BF16 = "main", "fused-linear-bf16"
+MAIN, LINEAR_BF16, PACKED, DIAGNOSTICS = "main", "fused-linear-bf16", "packed", "diagnostics-overhead"
 README = ROOT / "README.md"
 RESULTS_README = RESULTS / "README.md"
+PACKING_DOC, DIAGNOSTICS_DOC = ROOT / "docs" / "packing.md", ROOT / "docs" / "diagnostics.md"
 
 
 class FiguresError(RuntimeError):
@@ -75,22 +78,27 @@ def _minutes(seconds: float) -> str:
 
 
 def _machine(meta: dict) -> str:
+    # Files written before the benchmark recorded the machine in words name the device folder only.
+    if not meta.get("machine"):
+        return f"`{meta['device']}` (torch {meta['torch']}, {meta['threads']} threads)"
     return f"{meta['machine']} (`{meta['device']}`; torch {meta['torch']}, {meta['threads']} threads)"
 
 
 def _provenance(meta: dict) -> str:
     rev = f" at {meta['revision']}" if meta.get("revision") else ""
-    return f"fastdpo {meta['fastdpo']}{rev}, {meta['date']}"
+    return (f"fastdpo {meta['fastdpo']}{rev}, " if meta.get("fastdpo") else "") + meta["date"]
 
 
-def _link(folder: Path) -> str:
+def _link(folder: Path, base: Path | None = None) -> str:
+    """A markdown link to ``folder`` from a file in the folder ``base`` (default: the checkout root)."""
     rel = folder.relative_to(ROOT).as_posix()
-    return f"[{rel}/]({rel}/)"
+    up = "../" * len((base or ROOT).relative_to(ROOT).parts)
+    return f"[{rel}/]({up}{rel}/)"
 
 
 def _one_machine(*metas: dict) -> None:
-    machines = {(m["device"], m["machine"]) for m in metas}
-    if len(machines) != 1:
+    machines = {(m["device"], m.get("machine")) for m in metas}
+    if len({d for d, _ in machines}) != 1 or len({m for _, m in machines if m}) > 1:
         raise FiguresError(f"the README's figures must come from one machine, got {sorted(machines)}; rerun "
                            "python bench/remeasure.py")
 
@@ -245,14 +253,118 @@ def block_build() -> str:
     return text + f" on {main['meta']['machine']}, as measured by `python bench/remeasure.py`"
 
 
+def _packed_rows(data: dict) -> list[tuple[str, dict, dict]]:
+    """``(step label, padded, packed)`` of each measured case of packed.json, in the file's order."""
+    by: dict[str, dict] = {}
+    for r in data["results"]:
+        if "error" not in r:
+            by.setdefault(r["case"], {})[r["layout"]] = r
+    out = []
+    for layouts in by.values():
+        if set(layouts) != {"padded", "packed"}:
+            continue
+        spec = layouts["packed"]["spec"]
+        if spec["suite"] == "e2e":
+            label = f"tiny Llama (H = {spec['hidden']}, {spec['layers']} layers), `FastDPOTrainer`"
+        else:
+            label = {"logits": "LM head + `dpo_loss`", "linear": "`linear_dpo_loss`"}[spec["method"]]
+        out.append((label, layouts["padded"], layouts["packed"]))
+    if not out:
+        raise FiguresError("packed.json holds no case measured in both layouts")
+    return out
+
+
+def _speedup(padded: dict, packed: dict) -> str:
+    # As python -m fastdpo.bench.packed reports it: both layouts see the same batches in the same order, so
+    # the median of the per-step ratios.
+    return f"{statistics.median(p / q for p, q in zip(padded['times_ms'], packed['times_ms'])):.2f}×"
+
+
+def _packed_setting(data: dict) -> str:
+    rows = [r for r in data["results"] if "error" not in r and r["spec"]["suite"] == "loss"] or [
+        r for r in data["results"] if "error" not in r]
+    pad = next(r for r in rows if r["layout"] == "padded")
+    spec = pad["spec"]
+    return (f"{spec['pairs']} pairs per batch from seed {spec['seed']} (the first batch is "
+            f"{100 * (1 - pad['real_tokens'] / pad['tokens']):.0f}% padding), V = {spec['vocab']}, {spec['dtype']}")
+
+
+def block_packed() -> str:
+    data, folder = _result(PACKED, "packed")
+    meta = data["meta"]
+    out = [f"{_packed_setting(data)}, on {_machine(meta)}, by `{meta['command']}` ({_provenance(meta)}; every "
+           f"measurement in {_link(folder)}):", "",
+           "| step | padded positions → packed tokens | speed-up | peak extra memory |", "| --- | --- | --- | --- |"]
+    for label, pad, pk in _packed_rows(data):
+        out.append(f"| {label} | {pad['tokens']:.0f} → {pk['tokens']:.0f} | {_speedup(pad, pk)} | "
+                   f"{pad['extra_mb']:.0f} → {pk['extra_mb']:.0f} MB |")
+    return "\n".join(out)
+
+
+def block_packed_details() -> str:
+    data, folder = _result(PACKED, "packed")
+    meta = data["meta"]
+    out = [f"{_packed_setting(data)}, on {_machine(meta)}, by", "", "```bash", meta["command"], "```", "",
+           f"({_provenance(meta)}; every measurement in {_link(folder, PACKING_DOC.parent)}):", "",
+           "| case | padded positions | packed tokens | padded step | packed step | speed-up | peak extra memory, "
+           "padded → packed |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for label, pad, pk in _packed_rows(data):
+        out.append(f"| {label} | {pad['tokens']:.0f} | {pk['tokens']:.0f} | {pad['median_ms'] / 1000:.1f} s | "
+                   f"{pk['median_ms'] / 1000:.1f} s | {_speedup(pad, pk)} | {pad['extra_mb']:.0f} → "
+                   f"{pk['extra_mb']:.0f} MB ({pk['extra_mb'] / pad['extra_mb']:.2f}) |")
+    return "\n".join(out)
+
+
+def _diagnostics() -> tuple[dict, Path, dict, dict, dict]:
+    data, folder = _result(DIAGNOSTICS, "linear")
+    rows = _rows(data, "fp32")
+    plain, diag = rows.get("fastdpo-linear-cpu"), rows.get("fastdpo-linear-cpu-diag")
+    if plain is None or diag is None:
+        raise FiguresError(f"{folder.relative_to(ROOT)}/linear.json needs the fastdpo-linear-cpu and "
+                           "fastdpo-linear-cpu-diag fp32 rows")
+    return data, folder, plain["case"], plain, diag
+
+
+def _overhead(plain: dict, diag: dict) -> str:
+    return f"{100 * (diag['median_ms'] - plain['median_ms']) / plain['median_ms']:.1f}%"
+
+
+def block_diagnostics() -> str:
+    data, folder, case, plain, diag = _diagnostics()
+    main, _ = _result(MAIN, "linear")
+    _one_machine(data["meta"], main["meta"])
+    return (f"turning them on costs {_overhead(plain, diag)} of the fused-linear fp32 DPO step (B = "
+            f"{case['N'] // (2 * case['T'])} pairs of T = {case['T']}, H = {case['H']}, V = {case['V']}: "
+            f"{_ms(plain)} → {_ms(diag)}, medians, on {data['meta']['machine']}; "
+            "[docs/diagnostics.md](docs/diagnostics.md#cost))")
+
+
+def block_diagnostics_cost() -> str:
+    data, folder, case, plain, diag = _diagnostics()
+    meta = data["meta"]
+    N, H, V, T = case["N"], case["H"], case["V"], case["T"]
+    reps = len(plain["times_ms"])
+    return "\n".join([
+        f"The fused-linear fp32 DPO step (policy forward + backward, reference forward), B = {N // (2 * T)} pairs "
+        f"of T = {T} tokens, H = {H}, V = {V}, on {_machine(meta)}, by", "", "```bash", meta["command"], "```", "",
+        f"({_provenance(meta)}; every measurement in {_link(folder, DIAGNOSTICS_DOC.parent)}):", "",
+        "| | median | min-max | peak extra memory |", "| --- | --- | --- | --- |",
+        *(f"| {label} | {_ms(r)} | {r['min_ms']:.0f}-{r['max_ms']:.0f} ms | {_mb(r)} |"
+          for label, r in (("`fastdpo-linear-cpu`", plain), ("`fastdpo-linear-cpu-diag` (`diagnostics=True`)", diag))),
+        "",
+        f"Diagnostics add {_overhead(plain, diag)} to the step (the difference of the medians of {reps} timed steps, "
+        "over the step without them)."])
+
+
 def block_sets() -> str:
     rows = ["| folder | machine | command | date |", "| --- | --- | --- | --- |"]
-    for set_name, suites in ((MAIN, ("logprobs", "linear", "kl")), (LINEAR_BF16, ("linear",))):
+    for set_name, suites in ((MAIN, ("logprobs", "linear", "kl")), (LINEAR_BF16, ("linear",)), (PACKED, ("packed",)),
+                             (DIAGNOSTICS, ("linear",))):
         data, folder = _result(set_name, suites[0])
         meta = data["meta"]
         rows.append(f"| `{folder.relative_to(RESULTS).as_posix()}/` ({', '.join(s + '.json' for s in suites)}) | "
-                    f"{meta['machine']}, torch {meta['torch']}, {meta['threads']} threads | `{meta['command']}` | "
-                    f"{meta['date']} |")
+                    f"{meta.get('machine') or meta['device']}, torch {meta['torch']}, {meta['threads']} threads | "
+                    f"`{meta['command']}` | {meta['date']} |")
     t = _timings()
     for name, step in t["steps"].items():
         rows.append(f"| `timings.json`: {name} (wall time: {_minutes(step['seconds'])}, exit {step['returncode']}) | "
@@ -261,7 +373,9 @@ def block_sets() -> str:
 
 
 BLOCKS = {README: {"durations": block_durations, "build": block_build, "logprobs": block_logprobs,
-                   "linear": block_linear, "kl": block_kl},
+                   "linear": block_linear, "kl": block_kl, "packed": block_packed, "diagnostics": block_diagnostics},
+          PACKING_DOC: {"packed": block_packed_details},
+          DIAGNOSTICS_DOC: {"diagnostics": block_diagnostics_cost},
           RESULTS_README: {"sets": block_sets}}
 
 _MARK = re.compile(r"(<!-- figures:(\w[\w-]*)[^>]*-->)(.*?)(<!-- /figures:\2 -->)", re.S)

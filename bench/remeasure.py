@@ -1,6 +1,6 @@
-"""Re-measure every figure README.md quotes, on this machine, and render them into the README.
+"""Re-measure every figure README.md and docs/ quote, on this machine, and render them in.
 
-    python bench/remeasure.py                       # everything (most of an hour on a 2-core CPU)
+    python bench/remeasure.py                       # everything (about an hour on a 2-core CPU)
     python bench/remeasure.py --reps 1 --warmup 0   # a quicker check of the pipeline (noisier figures)
     python bench/remeasure.py --steps main,render   # some steps only (the others keep their last results)
 
@@ -13,7 +13,12 @@ Run it from the checkout root on a quiet machine (nothing else running). Steps, 
 - ``main``: the main job, ``python -m fastdpo.bench --out bench/results/main`` (logits-in, fused-linear fp32 and
   token-KL tables);
 - ``linear-bf16``: the bf16 fused-linear step (one timed step each: the bf16 anchors take minutes per step on CPU);
-- ``render``: ``python bench/readme_figures.py`` fills the README's figures in from the files above.
+- ``packed``: packed vs padded batches, ``python -m fastdpo.bench.packed --reps 5 --out bench/results/packed``
+  (loss level and a tiny Llama end to end);
+- ``diagnostics``: the fused-linear fp32 step with and without ``diagnostics=True`` (``--providers
+  fastdpo-linear-cpu,fastdpo-linear-cpu-diag --out bench/results/diagnostics-overhead``), the overhead
+  docs/diagnostics.md quotes;
+- ``render``: ``python bench/readme_figures.py`` fills the figures of README.md and docs/ in from the files above.
 
 Each measured step's command (quoted with ``shlex.join``, as it can be pasted back), wall time and exit
 status go to ``bench/results/timings.json``; the benchmark JSON files record their own command.
@@ -37,22 +42,33 @@ RESULTS = ROOT / "bench" / "results"
 LINEAR_SHAPE = "2048x512x32000"
 
 
-def steps(reps: list[str]) -> dict[str, list[str]]:
+def steps(warmup: int | None = None, reps: int | None = None) -> dict[str, list[str]]:
+    """Each step's command; ``warmup`` / ``reps`` (when given) replace the main, packed and diagnostics
+    steps' own (those two keep the counts their committed figures were measured with otherwise)."""
+    def counts(default_warmup: int | None, default_reps: int | None) -> list[str]:
+        w, r = default_warmup if warmup is None else warmup, default_reps if reps is None else reps
+        return ([] if w is None else ["--warmup", str(w)]) + ([] if r is None else ["--reps", str(r)])
+
     # The tests run first: they check the README against the committed results, which the later steps replace.
     return {
         "build-cpu": ["python", "-m", "fastdpo", "build", "cpu"],
         "build-cuda": ["python", "-m", "fastdpo", "build", "cuda"],
         "tests": ["python", "-m", "pytest", "-q"],
         "bench-quick": ["python", "-m", "pytest", "bench/", "--benchmark-only", "-q"],
-        "main": ["python", "-m", "fastdpo.bench", *reps, "--out", "bench/results/main"],
+        "main": ["python", "-m", "fastdpo.bench", *counts(None, None), "--out", "bench/results/main"],
         "linear-bf16": ["python", "-m", "fastdpo.bench", "--shapes", "", "--kl-shapes", "", "--linear-shapes",
                         LINEAR_SHAPE, "--linear-dtypes", "bf16", "--warmup", "0", "--reps", "1", "--out",
                         "bench/results/fused-linear-bf16"],
+        "packed": ["python", "-m", "fastdpo.bench.packed", *counts(None, 5), "--out", "bench/results/packed"],
+        "diagnostics": ["python", "-m", "fastdpo.bench", "--shapes", "", "--kl-shapes", "", "--linear-shapes",
+                        LINEAR_SHAPE, "--linear-dtypes", "fp32", *counts(1, 5), "--providers",
+                        "fastdpo-linear-cpu,fastdpo-linear-cpu-diag", "--out", "bench/results/diagnostics-overhead"],
     }
 
 
 # The result sets a step replaces (removed first, so that one device folder remains).
-REPLACES = {"main": RESULTS / "main", "linear-bf16": RESULTS / "fused-linear-bf16"}
+REPLACES = {"main": RESULTS / "main", "linear-bf16": RESULTS / "fused-linear-bf16", "packed": RESULTS / "packed",
+            "diagnostics": RESULTS / "diagnostics-overhead"}
 
 
 def _run(name: str, cmd: list[str], env: dict) -> dict:
@@ -72,14 +88,13 @@ def _run(name: str, cmd: list[str], env: dict) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions of the main job (default: its own)")
-    ap.add_argument("--warmup", type=int, default=None, help="warm-up runs of the main job (default: its own)")
-    ap.add_argument("--steps", default=None, help="comma-separated subset of: build-cpu, build-cuda, tests, "
-                    "bench-quick, main, linear-bf16, render")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions of the main, packed and diagnostics "
+                    "steps (default: the main job's own, 5 for the other two)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up runs of the main, packed and diagnostics steps "
+                    "(default: their own)")
+    ap.add_argument("--steps", default=None, help="comma-separated subset of: " + ", ".join([*steps(), "render"]))
     args = ap.parse_args(argv)
-    reps = ([] if args.warmup is None else ["--warmup", str(args.warmup)]) + (
-        [] if args.reps is None else ["--reps", str(args.reps)])
-    plan = steps(reps)
+    plan = steps(args.warmup, args.reps)
     asked = list(plan) + ["render"] if args.steps is None else args.steps.split(",")
     unknown = set(asked) - set(plan) - {"render"}
     if unknown:
@@ -130,7 +145,9 @@ def main(argv=None) -> int:
     if failed:
         print(f"\nfailed steps: {failed}")
         return 1
-    print(f"\ndone: {path.relative_to(ROOT)}, bench/results/main/, bench/results/fused-linear-bf16/, README.md")
+    print(f"\ndone: {path.relative_to(ROOT)}, "
+          + ", ".join(f"{REPLACES[n].relative_to(ROOT)}/" for n in wanted if n in REPLACES)
+          + ", README.md and the docs figures")
     return 0
 
 

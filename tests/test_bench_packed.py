@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
+import fastdpo
+from fastdpo.bench.__main__ import device_name
 from fastdpo.bench.packed import CAP, draw_lengths, sequence_lengths
+
+ROOT = Path(fastdpo.__file__).resolve().parents[1]
 
 
 def test_lengths_are_reproducible_and_capped():
@@ -20,21 +27,28 @@ def test_lengths_are_reproducible_and_capped():
 
 
 def test_bench_packed_cli_tiny(tmp_path):
-    p = subprocess.run(
-        [sys.executable, "-m", "fastdpo.bench.packed", "--suites", "loss", "--methods", "linear", "--pairs", "2",
-         "--vocab", "300", "--hidden", "16", "--reps", "1", "--warmup", "1", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=900,
-    )
+    """Without --out the results go to a fresh git-ignored bench/runs/<device>-<date>-<time>/ folder (as the
+    main job's), never over the committed bench/results/; the file records the machine and a pasteable command."""
+    args = ["--suites", "loss", "--methods", "linear", "--pairs", "2", "--vocab", "300", "--hidden", "16", "--reps",
+            "1", "--warmup", "1"]
+    p = subprocess.run([sys.executable, "-m", "fastdpo.bench.packed", *args], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=900, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert p.returncode == 0, p.stdout + p.stderr
-    [folder] = list(tmp_path.iterdir())
+    assert [f.name for f in tmp_path.iterdir()] == ["bench"]
+    [folder] = list((tmp_path / "bench" / "runs").iterdir())
+    assert folder.name.startswith(device_name("cpu") + "-")
     data = json.loads((folder / "packed.json").read_text())
+    assert shlex.split(data["meta"]["command"]) == ["python", "-m", "fastdpo.bench.packed", *args]
+    for key in ("device", "machine", "torch", "threads", "fastdpo", "date"):
+        assert data["meta"][key], key
+    assert "speed-up" in (folder / "output.txt").read_text()
     rows = data["results"]
     assert {(r["case"].split()[1], r["layout"]) for r in rows} == {("linear", "padded"), ("linear", "packed")}
     assert all("error" not in r and r["median_ms"] > 0 for r in rows), rows
     for case in {r["case"] for r in rows}:
         pad, pk = (next(r for r in rows if r["case"] == case and r["layout"] == lay) for lay in ("padded", "packed"))
         assert pk["tokens"] == pk["real_tokens"] == pad["real_tokens"] < pad["tokens"]
-    assert "speed-up" in p.stdout and data["meta"]["command"].startswith("python -m fastdpo.bench.packed")
+    assert "speed-up" in p.stdout
 
 
 def test_bench_packed_end_to_end_step_tiny():

@@ -82,6 +82,71 @@ def test_readme_figures_match_the_committed_results(path):
     assert rendered == text, f"{path.relative_to(ROOT)} is out of date: run python bench/readme_figures.py"
 
 
+@pytest.fixture
+def fake_results(tmp_path, monkeypatch):
+    """The renderer pointed at a checkout in ``tmp_path``; returns ``write(set, suite, data)``."""
+    g = figures["render"].__globals__  # the functions' own globals (run_path hands back a copy)
+    for name, value in (("ROOT", tmp_path), ("RESULTS", tmp_path / "bench" / "results"),
+                        ("PACKING_DOC", tmp_path / "docs" / "packing.md"),
+                        ("DIAGNOSTICS_DOC", tmp_path / "docs" / "diagnostics.md")):
+        monkeypatch.setitem(g, name, value)
+
+    def write(set_name, suite, data, device="cpu-test-2c"):
+        folder = tmp_path / "bench" / "results" / set_name / device
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{suite}.json").write_text(json.dumps(data))
+
+    return write
+
+
+FAKE_META = {"device": "cpu-test-2c", "machine": "Test CPU, 2 logical CPUs", "torch": "2.0", "threads": 2,
+             "fastdpo": "0.1.0", "revision": "abc123", "date": "2026-01-01 00:00:00"}
+
+
+def _timed(times, **extra):
+    return {"median_ms": sorted(times)[len(times) // 2], "min_ms": min(times), "max_ms": max(times),
+            "times_ms": times, **extra}
+
+
+def test_packed_blocks_render_from_the_packed_file(fake_results):
+    loss = dict(suite="loss", method="logits", pairs=4, seed=0, vocab=300, hidden=16, dtype="fp32")
+    e2e = dict(suite="e2e", pairs=4, seed=0, vocab=300, hidden=32, layers=1, dtype="fp32")
+    rows = [{"case": "loss logits", "layout": "padded", "spec": loss,
+             **_timed([3000.0, 4000.0, 5000.0], tokens=1000, real_tokens=600, extra_mb=200.0)},
+            {"case": "loss logits", "layout": "packed", "spec": loss,
+             **_timed([1000.0, 2000.0, 2000.0], tokens=600, real_tokens=600, extra_mb=100.0)},
+            {"case": "e2e", "layout": "padded", "spec": e2e, **_timed([1.0], tokens=9, real_tokens=5, extra_mb=1.0)},
+            {"case": "e2e", "layout": "packed", "spec": e2e, "error": "worker exited with 1"}]
+    command = "python -m fastdpo.bench.packed --pairs 4 --out bench/results/packed"
+    fake_results("packed", "packed", {"meta": {**FAKE_META, "command": command}, "results": rows})
+    readme, doc = figures["block_packed"](), figures["block_packed_details"]()
+    for text in (readme, doc):
+        assert "4 pairs per batch from seed 0 (the first batch is 40% padding), V = 300, fp32" in text
+        assert "Test CPU, 2 logical CPUs (`cpu-test-2c`" in text and command in text
+        assert "e2e" not in text and "Llama" not in text  # a case missing a layout is left out, not invented
+    # the speed-up is the median of the per-step ratios (3, 2, 2.5), as the benchmark prints it
+    assert "| LM head + `dpo_loss` | 1000 → 600 | 2.50× | 200 → 100 MB |" in readme
+    assert "| LM head + `dpo_loss` | 1000 | 600 | 4.0 s | 2.0 s | 2.50× | 200 → 100 MB (0.50) |" in doc
+    assert "](../bench/results/packed/cpu-test-2c/)" in doc  # linked from docs/
+
+
+def test_diagnostics_blocks_render_the_overhead_from_their_file(fake_results):
+    case = {"N": 2048, "H": 512, "V": 32000, "T": 256, "mode": "fwd+bwd", "dtype": "fp32"}
+    command = "python -m fastdpo.bench --providers fastdpo-linear-cpu,fastdpo-linear-cpu-diag --out x"
+    rows = [{"provider": "fastdpo-linear-cpu", "case": case, **_timed([90.0, 100.0, 110.0], extra_mb=150.0)},
+            {"provider": "fastdpo-linear-cpu-diag", "case": case, **_timed([101.0, 103.0, 120.0], extra_mb=151.0)}]
+    fake_results("diagnostics-overhead", "linear", {"meta": {**FAKE_META, "command": command}, "results": rows})
+    fake_results("main", "linear", {"meta": {**FAKE_META, "command": "python -m fastdpo.bench"}, "results": rows})
+    readme, doc = figures["block_diagnostics"](), figures["block_diagnostics_cost"]()
+    assert readme.startswith("turning them on costs 3.0% of the fused-linear fp32 DPO step (B = 4 pairs of T = 256, "
+                             "H = 512, V = 32000: 100.0 ms → 103.0 ms, medians, on Test CPU, 2 logical CPUs;")
+    assert command in doc and "Diagnostics add 3.0% to the step" in doc
+    assert "| `fastdpo-linear-cpu-diag` (`diagnostics=True`) | 103.0 ms | 101-120 ms | 151 MB |" in doc
+    fake_results("main", "linear", {"meta": {**FAKE_META, "machine": "Other CPU", "command": "c"}, "results": rows})
+    with pytest.raises(figures["FiguresError"], match="one machine"):
+        figures["block_diagnostics"]()  # the README quotes one machine's figures
+
+
 MEASURED = re.compile(r"\d[\d,.]*\s?(ms|MB|s|min|minutes|seconds|[×x])(?![\w^])")
 
 

@@ -13,7 +13,9 @@ and rejected responses share its prompt.
 Each measurement runs in a fresh process; the table gives the tokens processed (positions the step
 computes on; the real tokens are the same in both layouts), the median step time with its min-max
 spread and the peak memory beyond the inputs (loss: resident high-water mark above the inputs;
-e2e: above the built trainer). Results go to ``<out>/<device>/packed.json``.
+e2e: above the built trainer). Results (``packed.json`` with every measurement, the command and the
+machine; ``output.txt``, the printed output) go to a fresh ``bench/runs/<device>-<date>-<time>/`` (not
+under version control), or with ``--out DIR`` to ``DIR/<device>/`` (how ``bench/results/packed/`` is made).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -277,7 +281,8 @@ def main(argv=None) -> int:
     ap.add_argument("--e2e-layers", type=int, default=2)
     ap.add_argument("--e2e-vocab", type=int, default=None, help="tiny Llama vocabulary (default: --vocab)")
     ap.add_argument("--attn", default="sdpa", help="attention implementation of the tiny Llama")
-    ap.add_argument("--out", default="bench/results", help="results root (a <device>/ folder is made in it)")
+    ap.add_argument("--out", default=None, help="write into OUT/<device>/ (e.g. bench/results/packed); default: a "
+                    "fresh bench/runs/<device>-<date>-<time>/, not under version control")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker is not None:
@@ -289,13 +294,36 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(res))
         return 0
 
-    from fastdpo.bench.__main__ import device_name
+    from fastdpo._version import __version__
+    from fastdpo.bench.__main__ import _output_folder, _source_revision, _Tee, device_name, machine_description
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     dev = device_name("cpu")
+    out = _output_folder(args.out, dev)
+    # The loss level runs on the CPU; the end-to-end trainer uses a GPU when there is one, so name it too.
+    meta = {"device": dev, "machine": machine_description("cuda" if torch.cuda.is_available() else "cpu"),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "fastdpo": __version__, "revision": _source_revision(),
+            "command": shlex.join(["python", "-m", "fastdpo.bench.packed", *argv])}
+    stdout, tee = sys.stdout, _Tee(sys.stdout, out / "output.txt")
+    sys.stdout = tee
+    try:
+        rows = _measure(args, meta)
+        meta = {**meta, "lengths": draw_lengths(args.pairs, args.seed), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        (out / "packed.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+        print(f"results: {out / 'packed.json'}")
+    finally:
+        sys.stdout = stdout
+        tee.close()
+    return 0 if not any("error" in r for r in rows) else 1
+
+
+def _measure(args, meta: dict) -> list[dict]:
     lengths = draw_lengths(args.pairs, args.seed)
     seqs = sequence_lengths(lengths)
-    print(f"fastdpo.bench.packed on {dev} (torch {torch.__version__}, {torch.get_num_threads()} threads); "
-          f"{args.pairs} pairs per batch, lengths from seed {args.seed}: prompts ~{PROMPT[0]}+-{PROMPT[1]}, "
+    print(f"fastdpo.bench.packed on {meta['device']}: {meta['machine']} (torch {meta['torch']}, {meta['threads']} "
+          f"threads)\ncommand: {meta['command']}")
+    print(f"{args.pairs} pairs per batch, lengths from seed {args.seed}: prompts ~{PROMPT[0]}+-{PROMPT[1]}, "
           f"responses ~{RESPONSE[0]}+-{RESPONSE[1]}, capped at {CAP}")
     print(f"first batch: {sum(seqs)} real tokens in {len(seqs)} sequences; padded to {len(seqs)} x {max(seqs)} = "
           f"{len(seqs) * max(seqs)} positions ({100 * (1 - sum(seqs) / (len(seqs) * max(seqs))):.0f}% padding)")
@@ -323,14 +351,7 @@ def main(argv=None) -> int:
     print("\ntokens: positions the step computes on per batch (padded: sequences x the longest; packed: the real "
           "tokens); speed-up: median over the timed steps of padded / packed step time (the same batches in the same "
           "order); memory: packed / padded peak extra memory.")
-    out = Path(args.out) / dev
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"device": dev, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "command": "python -m fastdpo.bench.packed " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "lengths": lengths, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    (out / "packed.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
-    print(f"results: {out / 'packed.json'}")
-    return 0 if not any("error" in r for r in rows) else 1
+    return rows
 
 
 if __name__ == "__main__":
