@@ -41,70 +41,91 @@ def _warps(block: int) -> int:
     return 4 if block <= 1024 else 8
 
 
-def _define_ops():
+# A static check (``fastdpo.bench.triton_static``) sets this to a list to record the launches
+# (kernel, grid, arguments) the launchers make for given tensors instead of running them.
+_recorder: list | None = None
+
+
+def _launch(kernel, grid, args, meta, wrap: bool = True):
+    if _recorder is not None:
+        _recorder.append((kernel, tuple(grid), tuple(args), dict(meta)))
+        return
+    if wrap:
+        from torch.library import wrap_triton
+
+        kernel = wrap_triton(kernel)
+    kernel[grid](*args, **meta)
+
+
+def _fwd(logits, labels, ref_logits, ignore_index, temperature, softcap, stats, kl):
+    from fastdpo.kernels import triton_logprobs as k
+
+    _check_kl_fwd(ref_logits, kl)
+    B, T, V = logits.shape
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logp = torch.zeros(B, T, dtype=acc, device=logits.device)
+    lse = torch.zeros_like(logp)
+    ref = torch.zeros_like(logp) if ref_logits is not None else logp.new_empty(0)
+    st = torch.zeros(B, T, 4, dtype=acc, device=logits.device) if stats else logp.new_empty(0)
+    kl_out = torch.zeros_like(logp) if kl else logp.new_empty(0)
+    ref_lse = torch.zeros_like(logp) if kl else logp.new_empty(0)
+    if B * T:
+        inv_t, cap, inv_cap, has_cap = _launch_consts(temperature, softcap)
+        r = ref_logits if ref_logits is not None else logits
+        block = _block(V)
+        _launch(k.logprobs_fwd_kernel, (B * T,), (
+            logits, r, labels, logp, lse, ref if ref_logits is not None else logp, st if stats else logp,
+            kl_out if kl else logp, ref_lse if kl else logp,
+            T, logits.stride(0), logits.stride(1), r.stride(0), r.stride(1), V, ignore_index, inv_t, cap, inv_cap),
+            dict(BLOCK=block, HAS_CAP=has_cap, STATS=stats, HAS_REF=ref_logits is not None, KL=kl,
+                 num_warps=_warps(block)))
+    return logp, lse, ref, st, kl_out, ref_lse
+
+
+def _bwd(grad, logits, labels, lse, out, ignore_index, temperature, softcap, grad_kl, ref_logits, ref_lse):
     import triton
-    from torch.library import triton_op, wrap_triton
 
     from fastdpo.kernels import triton_logprobs as k
+
+    _check_kl_bwd(grad_kl, ref_logits, ref_lse)
+    B, T, V = logits.shape
+    if B * T == 0:
+        return
+    inv_t, cap, inv_cap, has_cap = _launch_consts(temperature, softcap)
+    block = _block(V)
+    grid = (B * T, triton.cdiv(V, block))
+    has_kl = grad_kl is not None
+    # Without KL the extra pointers are never read; any tensor stands in.
+    gk, r, rl = (grad_kl, ref_logits, ref_lse) if has_kl else (grad, logits, lse)
+    _launch(k.logprobs_bwd_kernel, grid, (
+        grad, logits, labels, lse, out, gk, r, rl, T, logits.stride(0), logits.stride(1), out.stride(0),
+        out.stride(1), r.stride(0), r.stride(1), V, ignore_index, inv_t, cap, inv_cap),
+        dict(BLOCK=block, HAS_CAP=has_cap, HAS_KL=has_kl, num_warps=_warps(block)))
+
+
+def _define_ops():
+    from torch.library import triton_op
 
     @triton_op("fastdpo::logprobs_fwd_triton", mutates_args=())
     def fwd(logits: torch.Tensor, labels: torch.Tensor, ref_logits: Optional[torch.Tensor], ignore_index: int,
             temperature: float, softcap: float, stats: bool, kl: bool = False
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        _check_kl_fwd(ref_logits, kl)
-        B, T, V = logits.shape
-        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        logp = torch.zeros(B, T, dtype=acc, device=logits.device)
-        lse = torch.zeros_like(logp)
-        ref = torch.zeros_like(logp) if ref_logits is not None else logp.new_empty(0)
-        st = torch.zeros(B, T, 4, dtype=acc, device=logits.device) if stats else logp.new_empty(0)
-        kl_out = torch.zeros_like(logp) if kl else logp.new_empty(0)
-        ref_lse = torch.zeros_like(logp) if kl else logp.new_empty(0)
-        if B * T:
-            inv_t, cap, inv_cap, has_cap = _launch_consts(temperature, softcap)
-            r = ref_logits if ref_logits is not None else logits
-            block = _block(V)
-            wrap_triton(k.logprobs_fwd_kernel)[(B * T,)](
-                logits, r, labels, logp, lse, ref if ref_logits is not None else logp, st if stats else logp,
-                kl_out if kl else logp, ref_lse if kl else logp,
-                T, logits.stride(0), logits.stride(1), r.stride(0), r.stride(1), V, ignore_index, inv_t, cap,
-                inv_cap, BLOCK=block, HAS_CAP=has_cap, STATS=stats, HAS_REF=ref_logits is not None, KL=kl,
-                num_warps=_warps(block),
-            )
-        return logp, lse, ref, st, kl_out, ref_lse
-
-    def launch_bwd(grad, logits, labels, lse, out, ignore_index, temperature, softcap, grad_kl, ref_logits, ref_lse):
-        _check_kl_bwd(grad_kl, ref_logits, ref_lse)
-        B, T, V = logits.shape
-        if B * T == 0:
-            return
-        inv_t, cap, inv_cap, has_cap = _launch_consts(temperature, softcap)
-        block = _block(V)
-        grid = (B * T, triton.cdiv(V, block))
-        has_kl = grad_kl is not None
-        # Without KL the extra pointers are never read; any tensor stands in.
-        gk, r, rl = (grad_kl, ref_logits, ref_lse) if has_kl else (grad, logits, lse)
-        wrap_triton(k.logprobs_bwd_kernel)[grid](
-            grad, logits, labels, lse, out, gk, r, rl, T, logits.stride(0), logits.stride(1), out.stride(0),
-            out.stride(1), r.stride(0), r.stride(1), V, ignore_index, inv_t, cap, inv_cap, BLOCK=block,
-            HAS_CAP=has_cap, HAS_KL=has_kl, num_warps=_warps(block),
-        )
+        return _fwd(logits, labels, ref_logits, ignore_index, temperature, softcap, stats, kl)
 
     @triton_op("fastdpo::logprobs_bwd_triton", mutates_args=())
     def bwd(grad_logp: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
             ignore_index: int, temperature: float, softcap: float, grad_kl: Optional[torch.Tensor] = None,
             ref_logits: Optional[torch.Tensor] = None, ref_lse: Optional[torch.Tensor] = None) -> torch.Tensor:
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        launch_bwd(grad_logp, logits, labels, lse, out, ignore_index, temperature, softcap, grad_kl, ref_logits,
-                   ref_lse)
+        _bwd(grad_logp, logits, labels, lse, out, ignore_index, temperature, softcap, grad_kl, ref_logits, ref_lse)
         return out
 
     @triton_op("fastdpo::logprobs_bwd_triton_", mutates_args=("logits",))
     def bwd_inplace(grad_logp: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                     ignore_index: int, temperature: float, softcap: float, grad_kl: Optional[torch.Tensor] = None,
                     ref_logits: Optional[torch.Tensor] = None, ref_lse: Optional[torch.Tensor] = None) -> None:
-        launch_bwd(grad_logp, logits, labels, lse, logits, ignore_index, temperature, softcap, grad_kl, ref_logits,
-                   ref_lse)
+        _bwd(grad_logp, logits, labels, lse, logits, ignore_index, temperature, softcap, grad_kl, ref_logits,
+             ref_lse)
 
     return fwd, bwd, bwd_inplace
 
@@ -166,8 +187,8 @@ def lse_fold(tile, labels, v_offset: int, m, s, z_label, temperature: float = 1.
     assert tile.stride(1) == 1 and m.dtype == s.dtype == z_label.dtype == torch.float32
     inv_t, cap, inv_cap, has_cap = _launch_consts(temperature, softcap)
     block = _block(c)
-    k.lse_fold_kernel[(n,)](tile, labels, m, s, z_label, tile.stride(0), c, v_offset, inv_t, cap, inv_cap,
-                            BLOCK=block, HAS_CAP=has_cap, num_warps=_warps(block))
+    _launch(k.lse_fold_kernel, (n,), (tile, labels, m, s, z_label, tile.stride(0), c, v_offset, inv_t, cap, inv_cap),
+            dict(BLOCK=block, HAS_CAP=has_cap, num_warps=_warps(block)), wrap=False)
 
 
 def tile_grad_(tile, labels, v_offset: int, lse, grad, temperature: float = 1.0, softcap: float | None = None):
@@ -183,8 +204,9 @@ def tile_grad_(tile, labels, v_offset: int, lse, grad, temperature: float = 1.0,
     assert tile.stride(1) == 1
     inv_t, cap, inv_cap, has_cap = _launch_consts(temperature, softcap)
     block = _block(c)
-    k.tile_grad_kernel[(n, triton.cdiv(c, block))](tile, labels, lse, grad, tile.stride(0), c, v_offset, inv_t, cap,
-                                                   inv_cap, BLOCK=block, HAS_CAP=has_cap, num_warps=_warps(block))
+    _launch(k.tile_grad_kernel, (n, triton.cdiv(c, block)),
+            (tile, labels, lse, grad, tile.stride(0), c, v_offset, inv_t, cap, inv_cap),
+            dict(BLOCK=block, HAS_CAP=has_cap, num_warps=_warps(block)), wrap=False)
     return tile
 
 
@@ -213,5 +235,5 @@ def segment_sum(values: torch.Tensor, seq_index: torch.Tensor, num_segments: int
     if num_segments == 0:
         return out
     off = _segment_offsets(seq_index, num_segments)
-    k.segment_sum_kernel[(num_segments,)](values.contiguous(), off, out, BLOCK=1024)
+    _launch(k.segment_sum_kernel, (num_segments,), (values.contiguous(), off, out), dict(BLOCK=1024), wrap=False)
     return out

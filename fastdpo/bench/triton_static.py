@@ -1,0 +1,659 @@
+"""Static check of the Triton kernels without a GPU: every specialisation the launchers produce,
+compiled for sm_80 / sm_90 with Triton's own compiler, its SASS and a count of the main loop.
+
+* :func:`launcher_variants` runs the launchers of ``fastdpo/kernels/triton.py`` on meta tensors
+  (no memory, no device) for the shapes, layouts, dtypes and options users pass, records the
+  launches instead of running them, and turns each into the specialisation Triton's JIT would
+  compile (argument types, 16-divisibility of pointers and integers, constexprs, warps), computed
+  by Triton's own argument binder. Equal specialisations are compiled once.
+* :func:`loss_path_variants` are those the losses use by default (``dpo_loss``, the fused-linear
+  folds, RRPO/TDPO's KL, soft-capped models), at Llama-3's vocabulary.
+* :func:`compile_variant` compiles one for an architecture (in a child process without
+  ``TRITON_INTERPRET``, which the test suite sets), cached on disk under the fastdpo cache by a
+  hash of the kernel source, the Triton version and the specialisation.
+* :func:`loop_profile` finds the innermost loops of a SASS listing and counts their
+  instructions (MUFU apart); :func:`ceiling` turns the counts into the issue / SFU / HBM times
+  per vocabulary position at H100 or H200 rates.
+
+``python -m fastdpo.bench.triton_static`` prints the table for the loss paths (``--all`` for
+every launcher variant).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ARCHS = (80, 90)
+_ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
+_KERNEL_MODULE = "fastdpo.kernels.triton_logprobs"
+
+
+# --------------------------------------------------------------------------- variants
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One specialisation of one kernel, as Triton's JIT would compile it."""
+
+    kernel: str  # function name in fastdpo.kernels.triton_logprobs
+    dtype: str  # logits dtype (fp32 / bf16 / fp16), "-" for kernels without logits
+    constexprs: tuple  # ((name, value), ...)
+    num_warps: int
+    signature: tuple  # ((argument, Triton type), ...) of the non-constexpr arguments
+    divisible: tuple  # arguments specialised as divisible by 16 (pointers: 16-byte aligned)
+    label: str  # short human name
+    path: str = ""  # loss paths that launch it by default ("" if none)
+    bytes_per_elem: float = 0.0  # HBM bytes the kernel moves per vocabulary position
+    loops: tuple = ()  # positions one thread handles per iteration of each main loop
+    vector: bool = False  # its main loops must read rows with 128-bit loads
+
+    @property
+    def key(self) -> tuple:
+        return (self.kernel, self.constexprs, self.num_warps, self.signature, self.divisible)
+
+    def constexpr(self, name, default=None):
+        return dict(self.constexprs).get(name, default)
+
+    def spec(self) -> dict:
+        return {"kernel": self.kernel, "constexprs": [list(c) for c in self.constexprs], "num_warps": self.num_warps,
+                "signature": [list(s) for s in self.signature], "divisible": list(self.divisible)}
+
+
+def _kernel_source_hash() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec(_KERNEL_MODULE)
+    return hashlib.sha256(Path(spec.origin).read_bytes()).hexdigest()
+
+
+def _jit_function(kernel):
+    """The kernel as a JITFunction (under TRITON_INTERPRET=1 ``triton.jit`` returns an
+    interpreter object; its Python function and decorator options rebuild the JITFunction)."""
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(kernel, JITFunction):
+        return kernel
+    kwargs = {k: v for k, v in getattr(kernel, "kwargs", {}).items() if v is not None}
+    return JITFunction(kernel.fn, **kwargs)
+
+
+_binders: dict = {}
+
+
+def _specialise(kernel, args, meta):
+    """(signature, constexprs, divisible, num_warps) Triton's JIT derives from a launch."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    jf = _jit_function(kernel)
+    name = jf.fn.__name__
+    if name not in _binders:
+        backend = make_backend(GPUTarget("cuda", 90, 32))
+        _binders[name] = (jf, create_function_from_signature(jf.signature, jf.params, backend))
+    jf, binder = _binders[name]
+    _, spec, options = binder(*args, **meta)
+    sig, cons, div = [], [], []
+    for p, (ty, attr) in zip(jf.params, spec):
+        if ty == "constexpr":
+            cons.append((p.name, attr))
+        else:
+            sig.append((p.name, ty))
+            if isinstance(attr, str) and "D" in attr:
+                div.append(p.name)
+    return tuple(sig), tuple(cons), tuple(div), int(options.get("num_warps", 4))
+
+
+def _loop_model(kernel: str, cons: dict, num_warps: int, has_ref_rows: int) -> tuple:
+    """Positions each thread handles per iteration of each main loop of ``kernel``
+    (the kernels' loop structure, see their docstrings)."""
+    threads = 32 * num_warps
+    if kernel == "logprobs_fwd_kernel":
+        per = max(cons["BLOCK"] // threads, 1)
+        return (per,) * (1 + has_ref_rows)
+    if kernel in ("lse_fold_kernel", "segment_sum_kernel"):
+        return (max(cons["BLOCK"] // threads, 1),)
+    if kernel in ("logprobs_bwd_kernel", "tile_grad_kernel"):
+        return ()  # one block per program: no loop
+    raise KeyError(kernel)
+
+
+def _dtype_name(t) -> str:
+    import torch
+
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(t.dtype, "-")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Case:
+    """One call of a launcher: what a user (or a loss) passes."""
+
+    op: str  # fwd, bwd, fold, tile_grad, segment_sum
+    dtype: str
+    V: int
+    layout: str  # contig, slice ([:, :-1]), shift ([:, 1:]: base moved by V), tile (fused-linear), i64
+    rows: int = 2048
+    stats: bool = False
+    ref: bool = False
+    kl: bool = False
+    softcap: float = 0.0
+    temperature: float = 1.0
+    inplace: bool = False
+    path: str = ""
+
+
+def _logits(case: _Case, dtype):
+    """Meta tensor [B, T, V] with the case's strides and base alignment (as the op layer passes it)."""
+    import torch
+
+    V = case.V
+    if case.layout == "tile":
+        return torch.empty(1, case.rows, V, dtype=dtype, device="meta")
+    if case.layout == "i64":  # a batch whose sequence stride exceeds 2^31 elements
+        T = (2**31) // V + 1
+        return torch.empty(2, T, V, dtype=dtype, device="meta")
+    B = 4
+    T = max(case.rows // B, 1)
+    if case.layout == "contig":
+        return torch.empty(B, T, V, dtype=dtype, device="meta")
+    full = torch.empty(B, T + 1, V, dtype=dtype, device="meta")
+    return full[:, :-1] if case.layout == "slice" else full[:, 1:]
+
+
+def _record(case: _Case) -> list:
+    """The launches the launcher makes for ``case`` (recorded, not run)."""
+    import torch
+
+    from fastdpo.kernels import triton as tk
+
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(case.dtype, torch.float32)
+    rec: list = []
+    tk._recorder = rec
+    try:
+        if case.op in ("fwd", "bwd"):
+            x = _logits(case, dt)
+            B, T, V = x.shape
+            y = torch.empty(B, T, dtype=torch.int64, device="meta")
+            r = _logits(case, dt) if (case.ref or case.kl) else None
+            if case.op == "fwd":
+                tk._fwd(x, y, r, -100, case.temperature, case.softcap, case.stats, case.kl)
+            else:
+                g = torch.empty(B, T, device="meta")
+                out = x if case.inplace else torch.empty(x.shape, dtype=dt, device="meta")
+                tk._bwd(g, x, y, g, out, -100, case.temperature, case.softcap, g if case.kl else None, r,
+                        g if case.kl else None)
+        elif case.op == "fold":
+            tile = torch.empty(case.rows, case.V, dtype=dt, device="meta")
+            y = torch.empty(case.rows, dtype=torch.int64, device="meta")
+            m = torch.empty(case.rows, device="meta")
+            tk.lse_fold(tile, y, 0, m, m, m, case.temperature, case.softcap or None)
+        elif case.op == "tile_grad":
+            tile = torch.empty(case.rows, case.V, dtype=dt, device="meta")
+            y = torch.empty(case.rows, dtype=torch.int64, device="meta")
+            m = torch.empty(case.rows, device="meta")
+            tk.tile_grad_(tile, y, 0, m, m, case.temperature, case.softcap or None)
+        elif case.op == "segment_sum":
+            values = torch.empty(case.rows, device="meta")
+            off = torch.empty(case.V + 1, dtype=torch.int64, device="meta")
+            out = torch.empty(case.V, device="meta")
+            tk._launch(*_segment_launch(values, off, out))
+        else:
+            raise ValueError(case.op)
+    finally:
+        tk._recorder = None
+    return rec
+
+
+def _segment_launch(values, off, out):
+    from fastdpo.kernels import triton_logprobs as k
+
+    return k.segment_sum_kernel, (out.numel(),), (values, off, out), dict(BLOCK=1024), False
+
+
+VOCABS = (1, 7, 4097, 32000, 50257, 128256, 262144)
+DTYPES = ("fp32", "bf16", "fp16")
+# Soft caps: none, Gemma-2's 30 at T = 1, and 30 at T = 0.5 (cap / T = 60).
+CAPS = ((0.0, 1.0), (30.0, 1.0), (30.0, 0.5))
+
+
+def _cases() -> list[_Case]:
+    """What the launchers are called with: every dtype, vocabulary and option combination, in the
+    layouts users and the losses pass (contiguous, TRL's ``logits[:, :-1]``, a view moved by one
+    row, fused-linear tiles, a batch with 64-bit strides), plus few-token batches."""
+    out = []
+    for dt in DTYPES:
+        for V in VOCABS:
+            for layout in ("contig", "slice", "shift", "tile", "i64"):
+                for cap, temp in CAPS:
+                    for stats in (False, True):
+                        for ref, kl in ((False, False), (True, False), (True, True)):
+                            out.append(_Case("fwd", dt, V, layout, stats=stats, ref=ref, kl=kl, softcap=cap,
+                                             temperature=temp))
+                    for kl in (False, True):
+                        for inplace in (False, True):
+                            out.append(_Case("bwd", dt, V, layout, kl=kl, ref=kl, softcap=cap, temperature=temp,
+                                             inplace=inplace))
+            for rows in (1, 64, 256):  # few tokens: the vocabulary split
+                for stats, ref, kl in ((True, True, False), (False, True, True)):
+                    out.append(_Case("fwd", dt, V, "contig", rows=rows, stats=stats, ref=ref, kl=kl))
+            for cap, temp in CAPS:
+                out.append(_Case("fold", dt, V, "tile", rows=16, softcap=cap, temperature=temp))
+                out.append(_Case("tile_grad", dt, V, "tile", rows=16, softcap=cap, temperature=temp))
+    out.append(_Case("segment_sum", "-", 64, "contig", rows=4096))
+    return out
+
+
+# The default loss paths at Llama-3's vocabulary and a training batch (8 sequences of 1024 tokens
+# as TRL passes them: logits[:, :-1]); fused-linear tiles of 1 GiB of logits.
+_PATH_V = 128256
+_PATH_ROWS = 8192
+
+
+def _path_cases() -> list[_Case]:
+    out = []
+    for dt in DTYPES:
+        tile_rows = (1 << 30) // (_PATH_V * _ITEMSIZE[dt])
+        for cap, tag in ((0.0, ""), (30.0, ", soft cap 30")):
+            kw = dict(softcap=cap)
+            out += [
+                _Case("fwd", dt, _PATH_V, "slice", _PATH_ROWS, stats=True, ref=True, path=f"dpo_loss forward{tag}",
+                      **kw),
+                _Case("bwd", dt, _PATH_V, "slice", _PATH_ROWS, path=f"dpo_loss backward{tag}", **kw),
+                _Case("fwd", dt, _PATH_V, "slice", _PATH_ROWS, stats=True, ref=True, kl=True,
+                      path=f"rrpo/tdpo forward (KL){tag}", **kw),
+                _Case("bwd", dt, _PATH_V, "slice", _PATH_ROWS, ref=True, kl=True,
+                      path=f"rrpo/tdpo backward (KL){tag}", **kw),
+                _Case("fwd", dt, _PATH_V, "tile", tile_rows, stats=True, path=f"linear fold, policy{tag}", **kw),
+                _Case("fwd", dt, _PATH_V, "tile", tile_rows, path=f"linear fold, reference{tag}", **kw),
+                _Case("fwd", dt, _PATH_V, "tile", tile_rows, stats=True, ref=True, kl=True,
+                      path=f"linear fold, KL{tag}", **kw),
+                _Case("bwd", dt, _PATH_V, "tile", tile_rows, inplace=True, path=f"linear tile gradient{tag}", **kw),
+                _Case("bwd", dt, _PATH_V, "tile", tile_rows, inplace=True, ref=True, kl=True,
+                      path=f"linear tile gradient, KL{tag}", **kw),
+            ]
+    return out
+
+
+def _variant(case: _Case, launch) -> Variant:
+    kernel, grid, args, meta = launch
+    sig, cons, div, nw = _specialise(kernel, args, {k: v for k, v in meta.items()})
+    name = _jit_function(kernel).fn.__name__
+    c = dict(cons)
+    isz = _ITEMSIZE.get(case.dtype, 4)
+    if name == "logprobs_fwd_kernel":
+        rows = 1 + bool(c.get("HAS_REF"))
+        moved = rows + bool(c.get("KL"))  # the KL pass reads the policy row a second time
+        loops = _loop_model(name, c, nw, rows - 1)
+        vector = "sxt" in div and "x_ptr" in div
+    elif name == "logprobs_bwd_kernel":
+        moved = 2 + bool(c.get("HAS_KL"))
+        loops = _loop_model(name, c, nw, 0)
+        vector = "sxt" in div and "x_ptr" in div
+    elif name in ("lse_fold_kernel", "tile_grad_kernel"):
+        moved = 1 if name == "lse_fold_kernel" else 2
+        loops = _loop_model(name, c, nw, 0)
+        vector = "stride_n" in div and "tile_ptr" in div
+    else:
+        moved, loops, vector = 1, _loop_model(name, c, nw, 0), False
+    flags = [k for k, v in cons if v is True]
+    label = (f"{name.replace('_kernel', '')} {case.dtype} V={case.V} {case.layout} "
+             f"{'+'.join(flags) or 'plain'} BLOCK={c.get('BLOCK')} w{nw}"
+             f"{' i64' if any(t == 'i64' for _, t in sig) else ''}")
+    return Variant(name, case.dtype if case.op != "segment_sum" else "-", cons, nw, sig, div, label, case.path,
+                   float(isz * moved), loops, vector)
+
+
+def _collect(cases) -> list[Variant]:
+    seen: dict = {}
+    for case in cases:
+        for launch in _record(case):
+            v = _variant(case, launch)
+            if v.key in seen:
+                old = seen[v.key]
+                if v.path and v.path not in old.path.split("; "):
+                    seen[v.key] = dataclasses.replace(old, path="; ".join(p for p in (old.path, v.path) if p))
+            else:
+                seen[v.key] = v
+    return list(seen.values())
+
+
+def launcher_variants() -> list[Variant]:
+    """Every distinct specialisation the Triton launchers produce for the shapes, layouts, dtypes
+    and options of :func:`_cases` (each compiled once)."""
+    return _collect(_cases() + _path_cases())
+
+
+def loss_path_variants() -> list[Variant]:
+    """The specialisations the losses launch by default (``path`` says which)."""
+    return [v for v in _collect(_path_cases()) if v.path]
+
+
+# --------------------------------------------------------------------------- compiling
+
+
+@dataclasses.dataclass
+class Compiled:
+    variant: Variant
+    arch: int
+    cubin: bytes
+    n_regs: int
+    n_spills: int  # spill stores + loads, bytes (ptxas)
+    local: int  # local memory (stack frame), bytes
+    shared: int
+    num_warps: int
+    ptxas_log: str
+
+    @property
+    def sass(self) -> str:
+        from fastdpo.bench import sass
+
+        return sass.disassemble(self.cubin)
+
+
+def _cache_dir() -> Path:
+    from fastdpo import _build
+
+    return _build.cache_root() / "triton-static"
+
+
+def _entry_key(v: Variant, arch: int) -> str:
+    import triton
+
+    blob = json.dumps({"src": _kernel_source_hash(), "triton": triton.__version__, "arch": arch, **v.spec()},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _load_entry(v: Variant, arch: int) -> Compiled | None:
+    d = _cache_dir() / _entry_key(v, arch)
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+        cubin = (d / "kernel.cubin").read_bytes()
+    except (OSError, ValueError):
+        return None
+    if hashlib.sha256(cubin).hexdigest() != meta.get("sha256"):
+        return None
+    return Compiled(v, arch, cubin, meta["n_regs"], meta["n_spills"], meta["local"], meta["shared"],
+                    meta["num_warps"], meta["ptxas_log"])
+
+
+def compile_variant(v: Variant, arch: int = 90) -> Compiled:
+    """Compile ``v`` for ``sm_<arch>`` (cached on disk by source hash, Triton version and specialisation)."""
+    got = _load_entry(v, arch)
+    if got is None:
+        compile_variants([v], (arch,))
+        got = _load_entry(v, arch)
+        if got is None:
+            raise RuntimeError(f"fastdpo: compiling {v.label} for sm_{arch} left no cache entry")
+    return got
+
+
+def compile_variants(variants, archs=ARCHS, jobs: int | None = None, progress: bool = True) -> list[Compiled]:
+    """Compile every (variant, arch) not cached yet, in ``jobs`` child processes, and return all."""
+    todo = [(v, a) for v in variants for a in archs if _load_entry(v, a) is None]
+    if todo:
+        jobs = max(1, min(jobs or os.cpu_count() or 1, 4, len(todo)))
+        t0 = time.time()
+        if progress:
+            print(f"fastdpo: compiling {len(todo)} Triton kernel specialisations ({jobs} processes) ...",
+                  file=sys.stderr, flush=True)
+        env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
+        procs = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for j in range(jobs):
+                part = todo[j::jobs]
+                f = Path(tmp) / f"jobs{j}.json"
+                f.write_text(json.dumps([{"arch": a, "key": _entry_key(v, a), **v.spec()} for v, a in part]))
+                procs.append(subprocess.Popen([sys.executable, "-m", "fastdpo.bench.triton_static", "--worker",
+                                               str(f)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                              text=True))
+            outs = [p.communicate()[0] for p in procs]
+        failed = [o for p, o in zip(procs, outs) if p.returncode != 0]
+        if failed:
+            raise RuntimeError("fastdpo: compiling Triton kernels failed:\n" + failed[0][-4000:])
+        if progress:
+            print(f"fastdpo: compiled in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    out = []
+    for v in variants:
+        for a in archs:
+            got = _load_entry(v, a)
+            if got is None:
+                raise RuntimeError(f"fastdpo: no compiled entry for {v.label} sm_{a}")
+            out.append(got)
+    return out
+
+
+_PTXAS = re.compile(r"Used (\d+) registers")
+_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _worker(job_file: str) -> None:
+    """Child process: compile the jobs of ``job_file`` into the cache (no TRITON_INTERPRET here)."""
+    import contextlib
+    import importlib
+    import io
+
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    mod = importlib.import_module(_KERNEL_MODULE)
+    for job in json.loads(Path(job_file).read_text()):
+        fn = getattr(mod, job["kernel"])
+        sig = {n: t for n, t in job["signature"]}
+        cons = {n: v for n, v in job["constexprs"]}
+        for n in cons:
+            sig[n] = "constexpr"
+        sig = {n: sig[n] for n in fn.arg_names}
+        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in job["divisible"]}
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            ck = triton.compile(ASTSource(fn, sig, cons, attrs), target=GPUTarget("cuda", job["arch"], 32),
+                                options={"num_warps": job["num_warps"]})
+        text = log.getvalue()
+        regs = [int(m) for m in _PTXAS.findall(text)]
+        spills = _SPILL.findall(text)
+        cubin = ck.asm["cubin"]
+        meta = {"n_regs": max(regs) if regs else -1,
+                "n_spills": sum(int(a) + int(b) for _, a, b in spills) if spills else 0,
+                "local": max((int(s) for s, _, _ in spills), default=0), "shared": int(ck.metadata.shared),
+                "num_warps": int(ck.metadata.num_warps), "ptxas_log": text[-2000:],
+                "sha256": hashlib.sha256(cubin).hexdigest()}
+        if meta["n_regs"] < 0:
+            raise RuntimeError(f"no ptxas register report for {job['kernel']}:\n{text[-1000:]}")
+        d = _cache_dir() / job["key"]
+        d.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=".tmp-"))
+        (tmp / "kernel.cubin").write_bytes(cubin)
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.rename(tmp, d)
+        except OSError:  # another process wrote it first: same content
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- SASS loop profile
+
+_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_LABEL = re.compile(r"^(\.L\w+):")
+_TARGET = re.compile(r"`\((\.L\w+)\)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+    start: int  # address of the first instruction
+    end: int  # address of the backward branch
+    instructions: tuple  # (opcode, text) of the body
+
+    @property
+    def n(self) -> int:
+        return len(self.instructions)
+
+    def count(self, prefix: str) -> int:
+        return sum(1 for op, _ in self.instructions if op.startswith(prefix))
+
+    @property
+    def mufu(self) -> int:
+        return self.count("MUFU")
+
+
+def parse_sass(text: str) -> tuple[list, dict]:
+    """[(address, opcode, text)] and {label: address} of one kernel's SASS."""
+    instrs, labels, pending = [], {}, []
+    for line in text.splitlines():
+        m = _LABEL.match(line.strip())
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        addr = int(m.group(1), 16)
+        body = m.group(2)
+        toks = body.split()
+        op = toks[1] if toks and toks[0].startswith("@") and len(toks) > 1 else (toks[0] if toks else "")
+        for lab in pending:
+            labels[lab] = addr
+        pending = []
+        instrs.append((addr, op, body))
+    return instrs, labels
+
+
+def loop_profile(text: str) -> list[Loop]:
+    """The innermost loops (a backward branch and its target) of a SASS listing, in address order."""
+    instrs, labels = parse_sass(text)
+    loops = []
+    for addr, op, body in instrs:
+        if not op.startswith("BRA"):
+            continue
+        m = _TARGET.search(body)
+        if not m or m.group(1) not in labels:
+            continue
+        start = labels[m.group(1)]
+        if start < addr:  # backward: a loop (a branch to itself is the trap after EXIT)
+            loops.append((start, addr))
+    inner = [(s, e) for s, e in loops if not any((s2, e2) != (s, e) and s <= s2 and e2 <= e for s2, e2 in loops)]
+    out = []
+    for s, e in sorted(inner):
+        body = tuple((op, b) for a, op, b in instrs if s <= a <= e and op != "NOP")
+        out.append(Loop(s, e, body))
+    return out
+
+
+_LDG128 = re.compile(r"^LDG\.E(\.\w+)*\.128")
+_STG128 = re.compile(r"^STG\.E(\.\w+)*\.128")
+
+
+def kernel_counts(v: Variant, sass_text: str) -> dict:
+    """Instructions and MUFU ops per vocabulary position in the main loops of ``v`` (loop-free
+    kernels: the whole kernel over the positions one thread handles)."""
+    loops = loop_profile(sass_text)
+    if v.loops:
+        if len(loops) != len(v.loops):
+            raise AssertionError(f"{v.label}: expected {len(v.loops)} main loop(s) in the SASS, found {len(loops)}")
+        ipe = sum(lp.n / e for lp, e in zip(loops, v.loops))
+        mpe = sum(lp.mufu / e for lp, e in zip(loops, v.loops))
+        ldg128 = all(any(_LDG128.match(op) for op, _ in lp.instructions) for lp in loops)
+        loads = [op for lp in loops for op, _ in lp.instructions if op.startswith("LDG")]
+        stores = [op for lp in loops for op, _ in lp.instructions if op.startswith("STG")]
+    else:
+        instrs, _ = parse_sass(sass_text)
+        per = max(dict(v.constexprs).get("BLOCK", 1) // (32 * v.num_warps), 1)
+        ipe = sum(1 for _, op, _ in instrs if op not in ("NOP",)) / per
+        mpe = sum(1 for _, op, _ in instrs if op.startswith("MUFU")) / per
+        loads = [op for _, op, _ in instrs if op.startswith("LDG")]
+        stores = [op for _, op, _ in instrs if op.startswith("STG")]
+        ldg128 = any(_LDG128.match(op) for op in loads)
+    return {"instr_per_elem": ipe, "mufu_per_elem": mpe, "ldg128": ldg128,
+            "stg128": any(_STG128.match(op) for op in stores), "loads": loads, "stores": stores}
+
+
+# --------------------------------------------------------------------------- ceiling model
+
+GPUS = {
+    # HBM bytes/s, SMs, SM clock (Hz); 4 schedulers x 32 lanes issue per SM per clock, MUFU 16 per SM per clock.
+    "H100": (3.35e12, 132, 1.98e9),
+    "H200": (4.8e12, 132, 1.98e9),
+}
+HEADROOM = 1.25  # the required ceiling / memory-time ratio of the loss paths
+
+
+def resident_programs(n_regs: int, num_warps: int, shared: int) -> int:
+    """Programs (CTAs) of a kernel resident on one sm_90 SM: 64K registers (allocated per warp in
+    units of 256), 2048 threads, 32 CTAs, 227 KiB shared memory."""
+    regs_per_warp = -(-max(n_regs, 1) * 32 // 256) * 256
+    by_regs = 65536 // (regs_per_warp * num_warps)
+    by_threads = 2048 // (32 * num_warps)
+    by_smem = (227 * 1024) // shared if shared else 32
+    return max(0, min(by_regs, by_threads, by_smem, 32))
+
+
+def ceiling(v: Variant, counts: dict, gpu: str = "H100") -> dict:
+    """Per vocabulary position: memory, issue and SFU times and their ratio (``headroom`` =
+    memory time / the tighter of issue and SFU time; >= 1 means memory-bound by construction)."""
+    hbm, sms, clk = GPUS[gpu]
+    t_mem = v.bytes_per_elem / hbm
+    t_issue = counts["instr_per_elem"] / (sms * 4 * 32 * clk)
+    t_sfu = counts["mufu_per_elem"] / (sms * 16 * clk)
+    tight = max(t_issue, t_sfu)
+    return {"t_mem": t_mem, "t_issue": t_issue, "t_sfu": t_sfu, "bound": "SFU" if t_sfu > t_issue else "issue",
+            "headroom": t_mem / tight if tight else float("inf"),
+            "pct_hbm": 100.0 * min(1.0, t_mem / tight) if tight else 100.0}
+
+
+def table(variants, arch: int = 90, gpus=("H100", "H200")) -> list[dict]:
+    rows = []
+    for v, ck in zip(variants, compile_variants(variants, (arch,))):
+        c = kernel_counts(v, ck.sass)
+        row = {"label": v.label, "path": v.path, "dtype": v.dtype, "bytes": v.bytes_per_elem, "instr": c["instr_per_elem"],
+               "mufu": c["mufu_per_elem"], "regs": ck.n_regs, "spills": ck.n_spills,
+               "warps_per_sm": resident_programs(ck.n_regs, ck.num_warps, ck.shared) * ck.num_warps}
+        for g in gpus:
+            cl = ceiling(v, c, g)
+            row[f"headroom_{g}"] = cl["headroom"]
+            row[f"bound_{g}"] = cl["bound"]
+        rows.append(row)
+    return rows
+
+
+def format_table(rows, gpus=("H100", "H200")) -> str:
+    head = ["variant", "B/elem", "instr/elem", "MUFU/elem", "regs", "warps/SM"] + [f"{g} ceiling/mem" for g in gpus]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        name = f"{r['path']} ({r['dtype']})" if r["path"] else r["label"]
+        cells = [name, f"{r['bytes']:g}", f"{r['instr']:.2f}", f"{r['mufu']:.2f}", str(r["regs"]),
+                 str(r["warps_per_sm"])] + [f"{r[f'headroom_{g}']:.2f}x ({r[f'bound_{g}']})" for g in gpus]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m fastdpo.bench.triton_static", description=__doc__.split("\n\n")[0])
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--all", action="store_true", help="every launcher variant, not only the loss paths")
+    p.add_argument("--arch", type=int, default=90, choices=ARCHS)
+    a = p.parse_args(argv)
+    if a.worker:
+        _worker(a.worker)
+        return 0
+    variants = launcher_variants() if a.all else loss_path_variants()
+    print(format_table(table(variants, a.arch)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
