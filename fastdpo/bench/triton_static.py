@@ -113,18 +113,20 @@ def _specialise(kernel, args, meta):
     return tuple(sig), tuple(cons), tuple(div), int(options.get("num_warps", 4))
 
 
-def _loop_model(kernel: str, cons: dict, num_warps: int, has_ref_rows: int) -> tuple:
-    """Positions each thread handles per iteration of each main loop of ``kernel``
-    (the kernels' loop structure, see their docstrings)."""
-    threads = 32 * num_warps
+def _loop_model(kernel: str, cons: dict, num_warps: int) -> tuple:
+    """The main loops of ``kernel`` to count, as (positions one thread handles per iteration,
+    128-bit loads per iteration): each iteration reads a block of two [LANES, VEC] tiles per row
+    (see ``fastdpo/kernels/triton_logprobs.py``). Kernels without a per-element loop: ()."""
+    per = 2 * cons.get("VEC", 1)
     if kernel == "logprobs_fwd_kernel":
-        per = max(cons["BLOCK"] // threads, 1)
-        return (per,) * (1 + has_ref_rows)
-    if kernel in ("lse_fold_kernel", "segment_sum_kernel"):
-        return (max(cons["BLOCK"] // threads, 1),)
-    if kernel in ("logprobs_bwd_kernel", "tile_grad_kernel"):
-        return ()  # one block per program: no loop
-    raise KeyError(kernel)
+        if cons["KL"]:
+            return ((per, 4),)  # policy and reference rows together
+        return ((per, 2),) * (2 if cons["HAS_REF"] else 1)  # the policy row, then the reference row
+    if kernel == "logprobs_bwd_kernel":
+        return ((per, 4 if cons["HAS_KL"] else 2),)
+    if kernel in ("lse_fold_kernel", "tile_grad_kernel"):
+        return ((per, 2),)
+    return ()
 
 
 def _dtype_name(t) -> str:
@@ -188,7 +190,7 @@ def _record(case: _Case) -> list:
                 tk._fwd(x, y, r, -100, case.temperature, case.softcap, case.stats, case.kl)
             else:
                 g = torch.empty(B, T, device="meta")
-                out = x if case.inplace else torch.empty(x.shape, dtype=dt, device="meta")
+                out = x if case.inplace else tk._like_phase(x)
                 tk._bwd(g, x, y, g, out, -100, case.temperature, case.softcap, g if case.kl else None, r,
                         g if case.kl else None)
         elif case.op == "fold":
@@ -289,27 +291,15 @@ def _variant(case: _Case, launch) -> Variant:
     name = _jit_function(kernel).fn.__name__
     c = dict(cons)
     isz = _ITEMSIZE.get(case.dtype, 4)
-    if name == "logprobs_fwd_kernel":
-        rows = 1 + bool(c.get("HAS_REF"))
-        moved = rows + bool(c.get("KL"))  # the KL pass reads the policy row a second time
-        loops = _loop_model(name, c, nw, rows - 1)
-        vector = "sxt" in div and "x_ptr" in div
-    elif name == "logprobs_bwd_kernel":
-        moved = 2 + bool(c.get("HAS_KL"))
-        loops = _loop_model(name, c, nw, 0)
-        vector = "sxt" in div and "x_ptr" in div
-    elif name in ("lse_fold_kernel", "tile_grad_kernel"):
-        moved = 1 if name == "lse_fold_kernel" else 2
-        loops = _loop_model(name, c, nw, 0)
-        vector = "stride_n" in div and "tile_ptr" in div
-    else:
-        moved, loops, vector = 1, _loop_model(name, c, nw, 0), False
+    rows = {"logprobs_fwd_kernel": 1 + bool(c.get("HAS_REF")), "logprobs_bwd_kernel": 2 + bool(c.get("HAS_KL")),
+            "lse_fold_kernel": 1, "tile_grad_kernel": 2}.get(name, 0)  # rows read + written per position
+    loops = _loop_model(name, c, nw)
     flags = [k for k, v in cons if v is True]
-    label = (f"{name.replace('_kernel', '')} {case.dtype} V={case.V} {case.layout} "
-             f"{'+'.join(flags) or 'plain'} BLOCK={c.get('BLOCK')} w{nw}"
+    extra = "".join(f" {k}={c[k]}" for k in ("CAP", "SEGS") if c.get(k))
+    label = (f"{name.replace('_kernel', '')} {case.dtype} {'+'.join(flags) or 'plain'}{extra} w{nw}"
              f"{' i64' if any(t == 'i64' for _, t in sig) else ''}")
     return Variant(name, case.dtype if case.op != "segment_sum" else "-", cons, nw, sig, div, label, case.path,
-                   float(isz * moved), loops, vector)
+                   float(isz * rows), loops, bool(loops))
 
 
 def _collect(cases) -> list[Variant]:
@@ -406,9 +396,11 @@ def compile_variants(variants, archs=ARCHS, jobs: int | None = None, progress: b
         if progress:
             print(f"fastdpo: compiling {len(todo)} Triton kernel specialisations ({jobs} processes) ...",
                   file=sys.stderr, flush=True)
-        env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
         procs = []
         with tempfile.TemporaryDirectory() as tmp:
+            # Triton's own cache would skip ptxas, whose report gives registers and spills.
+            env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
+            env["TRITON_CACHE_DIR"] = str(Path(tmp) / "triton-cache")
             for j in range(jobs):
                 part = todo[j::jobs]
                 f = Path(tmp) / f"jobs{j}.json"
@@ -556,28 +548,39 @@ _LDG128 = re.compile(r"^LDG\.E(\.\w+)*\.128")
 _STG128 = re.compile(r"^STG\.E(\.\w+)*\.128")
 
 
+def _vector_loops(loops: list[Loop]) -> list[Loop]:
+    """Loops whose global loads and stores are all 128-bit, with at least one load: the fast
+    paths (a kernel also holds masked-edge and differently-aligned fallback code)."""
+    out = []
+    for lp in loops:
+        mem = [op for op, _ in lp.instructions if op.startswith(("LDG", "STG"))]
+        if any(_LDG128.match(op) for op in mem) and all(_LDG128.match(op) or _STG128.match(op) for op in mem):
+            out.append(lp)
+    return out
+
+
+def main_loops(v: Variant, sass_text: str) -> list[Loop]:
+    """The main loops of ``v`` in its SASS, matched to ``v.loops`` by their 128-bit loads."""
+    cands = _vector_loops(loop_profile(sass_text))
+    picked = []
+    for _, nldg in v.loops:
+        hit = [lp for lp in cands if lp not in picked and sum(1 for op, _ in lp.instructions if _LDG128.match(op)) == nldg]
+        if not hit:
+            raise AssertionError(f"{v.label}: no main loop with {nldg} 128-bit loads in the SASS "
+                                 f"(vector loops found: {[lp.count('LDG') for lp in cands]})")
+        picked.append(hit[0])
+    return picked
+
+
 def kernel_counts(v: Variant, sass_text: str) -> dict:
-    """Instructions and MUFU ops per vocabulary position in the main loops of ``v`` (loop-free
-    kernels: the whole kernel over the positions one thread handles)."""
-    loops = loop_profile(sass_text)
-    if v.loops:
-        if len(loops) != len(v.loops):
-            raise AssertionError(f"{v.label}: expected {len(v.loops)} main loop(s) in the SASS, found {len(loops)}")
-        ipe = sum(lp.n / e for lp, e in zip(loops, v.loops))
-        mpe = sum(lp.mufu / e for lp, e in zip(loops, v.loops))
-        ldg128 = all(any(_LDG128.match(op) for op, _ in lp.instructions) for lp in loops)
-        loads = [op for lp in loops for op, _ in lp.instructions if op.startswith("LDG")]
-        stores = [op for lp in loops for op, _ in lp.instructions if op.startswith("STG")]
-    else:
-        instrs, _ = parse_sass(sass_text)
-        per = max(dict(v.constexprs).get("BLOCK", 1) // (32 * v.num_warps), 1)
-        ipe = sum(1 for _, op, _ in instrs if op not in ("NOP",)) / per
-        mpe = sum(1 for _, op, _ in instrs if op.startswith("MUFU")) / per
-        loads = [op for _, op, _ in instrs if op.startswith("LDG")]
-        stores = [op for _, op, _ in instrs if op.startswith("STG")]
-        ldg128 = any(_LDG128.match(op) for op in loads)
-    return {"instr_per_elem": ipe, "mufu_per_elem": mpe, "ldg128": ldg128,
-            "stg128": any(_STG128.match(op) for op in stores), "loads": loads, "stores": stores}
+    """Instructions and MUFU ops per vocabulary position in the main loops of ``v``."""
+    loops = main_loops(v, sass_text)
+    ipe = sum(lp.n / per for lp, (per, _) in zip(loops, v.loops))
+    mpe = sum(lp.mufu / per for lp, (per, _) in zip(loops, v.loops))
+    stores = [op for lp in loops for op, _ in lp.instructions if op.startswith("STG")]
+    return {"instr_per_elem": ipe, "mufu_per_elem": mpe, "loops": loops,
+            "barriers": sum(lp.count("BAR") + lp.count("SHFL") for lp in loops),
+            "stg128": bool(stores) and all(_STG128.match(op) for op in stores)}
 
 
 # --------------------------------------------------------------------------- ceiling model
@@ -615,6 +618,7 @@ def ceiling(v: Variant, counts: dict, gpu: str = "H100") -> dict:
 
 def table(variants, arch: int = 90, gpus=("H100", "H200")) -> list[dict]:
     rows = []
+    variants = [v for v in variants if v.loops]
     for v, ck in zip(variants, compile_variants(variants, (arch,))):
         c = kernel_counts(v, ck.sass)
         row = {"label": v.label, "path": v.path, "dtype": v.dtype, "bytes": v.bytes_per_elem, "instr": c["instr_per_elem"],
