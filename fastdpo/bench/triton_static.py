@@ -75,6 +75,10 @@ def _kernel_source_hash() -> str:
     return hashlib.sha256(Path(spec.origin).read_bytes()).hexdigest()
 
 
+_jit_functions: dict = {}
+_binders: dict = {}
+
+
 def _jit_function(kernel):
     """The kernel as a JITFunction (under TRITON_INTERPRET=1 ``triton.jit`` returns an
     interpreter object; its Python function and decorator options rebuild the JITFunction)."""
@@ -82,11 +86,10 @@ def _jit_function(kernel):
 
     if isinstance(kernel, JITFunction):
         return kernel
-    kwargs = {k: v for k, v in getattr(kernel, "kwargs", {}).items() if v is not None}
-    return JITFunction(kernel.fn, **kwargs)
-
-
-_binders: dict = {}
+    if id(kernel) not in _jit_functions:
+        kwargs = {k: v for k, v in getattr(kernel, "kwargs", {}).items() if v is not None}
+        _jit_functions[id(kernel)] = (kernel, JITFunction(kernel.fn, **kwargs))
+    return _jit_functions[id(kernel)][1]
 
 
 def _specialise(kernel, args, meta):
@@ -342,11 +345,7 @@ class Compiled:
     num_warps: int
     ptxas_log: str
 
-    @property
-    def sass(self) -> str:
-        from fastdpo.bench import sass
-
-        return sass.disassemble(self.cubin)
+    sass: str  # nvdisasm listing (kept in the cache entry)
 
 
 def _cache_dir() -> Path:
@@ -368,12 +367,13 @@ def _load_entry(v: Variant, arch: int) -> Compiled | None:
     try:
         meta = json.loads((d / "meta.json").read_text())
         cubin = (d / "kernel.cubin").read_bytes()
+        sass_text = (d / "kernel.sass").read_text()
     except (OSError, ValueError):
         return None
     if hashlib.sha256(cubin).hexdigest() != meta.get("sha256"):
         return None
     return Compiled(v, arch, cubin, meta["n_regs"], meta["n_spills"], meta["local"], meta["shared"],
-                    meta["num_warps"], meta["ptxas_log"])
+                    meta["num_warps"], meta["ptxas_log"], sass_text)
 
 
 def compile_variant(v: Variant, arch: int = 90) -> Compiled:
@@ -439,6 +439,8 @@ def _worker(job_file: str) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from fastdpo.bench import sass
+
     mod = importlib.import_module(_KERNEL_MODULE)
     for job in json.loads(Path(job_file).read_text()):
         fn = getattr(mod, job["kernel"])
@@ -466,6 +468,7 @@ def _worker(job_file: str) -> None:
         d = _cache_dir() / job["key"]
         d.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=".tmp-"))
+        (tmp / "kernel.sass").write_text(sass.disassemble(cubin))
         (tmp / "kernel.cubin").write_bytes(cubin)
         (tmp / "meta.json").write_text(json.dumps(meta))
         try:

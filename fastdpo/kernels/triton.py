@@ -50,18 +50,15 @@ def _vec(dtype: torch.dtype) -> int:
 
 
 def _warps(V: int, vec: int) -> int:
-    """Warps per program: enough lanes to cover V in one or a few blocks, at most 8."""
-    need = -(-(V + vec - 1) // (2 * 32 * vec))
-    w = 1
-    while w < need and w < 8:
-        w *= 2
-    return w
+    """Warps per program: 8 (256 lanes) for every vocabulary. Small vocabularies leave lanes
+    idle, which costs little there and keeps one compiled kernel per option set."""
+    return 8
 
 
 def _resident(num_warps: int) -> int:
-    """Programs one SM holds at once, assumed for the split: the kernels stay within 64
-    registers a thread (fastdpo.bench.triton_static checks the compiled ones), i.e. 32 warps."""
-    return max(1, 32 // num_warps)
+    """Programs one SM can hold at once (its 2048 threads; registers may allow fewer): the split
+    aims at two waves of this many, so at least two waves of what really fits."""
+    return max(1, 64 // num_warps)
 
 
 def _sm_count(device: torch.device) -> int:

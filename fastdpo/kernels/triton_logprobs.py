@@ -623,7 +623,8 @@ def logprobs_fwd_kernel(
                 kl_ptr, rlse_ptr, VEC, CAP, STATS, HAS_REF, KL, FAST, APPROX)
 
 
-@triton.jit(do_not_specialize=_FWD_INTS, do_not_specialize_on_alignment=_FWD_PTRS)
+@triton.jit(do_not_specialize=_FWD_INTS[:6] + ["NSEG", "ignore_index", "STATS", "HAS_REF", "KL"],
+            do_not_specialize_on_alignment=_FWD_PTRS)
 def logprobs_combine_kernel(
     x_ptr, r_ptr, y_ptr, logp_ptr, lse_ptr, ref_ptr, st_ptr, kl_ptr, rlse_ptr, ws_ptr,
     T: tl.int64, sxb: tl.int64, sxt: tl.int64, srb: tl.int64, srt: tl.int64, V: tl.int32, NSEG: tl.int32,
@@ -798,7 +799,7 @@ def logprobs_bwd_kernel(
 # time (tile = hidden @ W[v0:v0+c].T) and folds each tile while it is hot.
 
 
-@triton.jit(do_not_specialize_on_alignment=["tile_ptr", "y_ptr"])
+@triton.jit(do_not_specialize=["stride_n", "C", "v_offset"], do_not_specialize_on_alignment=["tile_ptr", "y_ptr"])
 def lse_fold_kernel(
     tile_ptr, y_ptr, m_ptr, s_ptr, zy_ptr, stride_n: tl.int64, C: tl.int32, v_offset: tl.int64, kz, inv_cap, c,
     VEC: tl.constexpr, LANES: tl.constexpr, CAP: tl.constexpr, POLY: tl.constexpr, FAST: tl.constexpr,
@@ -821,7 +822,8 @@ def lse_fold_kernel(
         tl.store(zy_ptr + row, _u(tl.load(t_row + label).to(tl.float32), inv_cap, CAP, FAST, False) * kz)
 
 
-@triton.jit(do_not_specialize_on_alignment=["tile_ptr", "y_ptr"])
+@triton.jit(do_not_specialize=["stride_n", "C", "v_offset", "BPP"],
+            do_not_specialize_on_alignment=["tile_ptr", "y_ptr"])
 def tile_grad_kernel(
     tile_ptr, y_ptr, lse_ptr, g_ptr, stride_n: tl.int64, C: tl.int32, v_offset: tl.int64, BPP: tl.int32, inv_cap, c,
     dzs,
