@@ -49,14 +49,19 @@ def preference_data(n: int, seed: int = 0) -> Dataset:
     return Dataset.from_dict(rows)
 
 
-def main():
-    tokenizer = char_tokenizer()
-    torch.manual_seed(0)
+def tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer Llama with random weights (seeded), sized for the tokenizer."""
+    torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=tokenizer.eos_token_id)
-    model = LlamaForCausalLM(config)
+    return LlamaForCausalLM(config)
+
+
+def main():
+    tokenizer = char_tokenizer()
+    model = tiny_llama(tokenizer)
     ref_model = copy.deepcopy(model)  # a model built from a config has no hub id TRL could reload it from
 
     with tempfile.TemporaryDirectory() as out:

@@ -6,10 +6,13 @@ import argparse
 import platform
 import sys
 
-import torch
+# The keys of fastdpo._build.EXTENSIONS, here so that the parser needs no torch import.
+EXTENSION_NAMES = ("cpu", "cuda")
 
 
 def _info() -> int:
+    import torch
+
     import fastdpo
     from fastdpo import _backends, _build
 
@@ -37,6 +40,8 @@ def _info() -> int:
 
 
 def _build_all(which: list[str]) -> int:
+    import torch
+
     from fastdpo import _build
 
     failed = 0
@@ -57,16 +62,34 @@ def _build_all(which: list[str]) -> int:
     return 1 if failed else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastdpo", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
+def _extension(name: str) -> str:
+    # Checked per argument rather than with choices=: Python < 3.12 checks the empty default of
+    # nargs="*" against choices and rejects a bare "build".
+    if name not in EXTENSION_NAMES:
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(map(repr, EXTENSION_NAMES))})")
+    return name
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fastdpo", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, cache location and which backends are usable")
     b = sub.add_parser("build", help="precompile the C++/CUDA extensions into the cache")
-    b.add_argument("which", nargs="*", choices=["cpu", "cuda"], help="extensions to build (default: all available)")
-    args = parser.parse_args(argv)
+    b.add_argument("which", nargs="*", type=_extension, metavar="{" + ",".join(EXTENSION_NAMES) + "}",
+                   help="extensions to build (default: all available)")
+    return p
+
+
+def which(args: argparse.Namespace) -> list[str]:
+    """The extensions ``build`` was asked for (all of them by default)."""
+    return list(args.which) or list(EXTENSION_NAMES)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.cmd == "info":
         return _info()
-    return _build_all(args.which or ["cpu", "cuda"])
+    return _build_all(which(args))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ Environment:
 
 ``FASTDPO_CACHE_DIR``       cache root (default ``$XDG_CACHE_HOME/fastdpo`` or ``~/.cache/fastdpo``)
 ``FASTDPO_CPU_ARCH_FLAGS``  CPU target flags (default ``-march=native``)
-``FASTDPO_CUDA_ARCHS``      GPU architectures, e.g. ``80;90`` (default ``80;90``)
+``FASTDPO_CUDA_ARCHS``      GPU architectures, e.g. ``80;90`` (default ``80;90``); the newest is also
+                            embedded as PTX, which newer GPUs JIT-compile
 ``FASTDPO_BUILD_VERBOSE=1`` echo the compiler output
 ``CUDA_HOME``               CUDA toolkit root (else found from ``nvcc``)
 """
@@ -46,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BuildError", "EXTENSIONS", "load_extension", "cache_root", "csrc_dir", "cuda_home"]
+__all__ = ["BuildError", "UnsupportedGPUError", "EXTENSIONS", "load_extension", "cache_root", "csrc_dir", "cuda_home"]
 
 
 class BuildError(RuntimeError):
@@ -55,6 +56,10 @@ class BuildError(RuntimeError):
     def __init__(self, message: str, log_path: str | None = None):
         super().__init__(message + (f"\n  build log: {log_path}" if log_path else ""))
         self.log_path = log_path
+
+
+class UnsupportedGPUError(BuildError):
+    """The CUDA library has no code this GPU can run (its compute capability against the built architectures)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,9 +157,57 @@ def cuda_archs() -> list[str]:
     return archs
 
 
+def _arch_number(arch: str) -> int:
+    return int(re.match(r"\d+", arch).group())
+
+
+def ptx_arch() -> str:
+    """The architecture whose PTX the CUDA library embeds, so that GPUs newer than every built one
+    JIT-compile it: the newest of FASTDPO_CUDA_ARCHS without an arch-specific suffix (PTX of "90a"
+    runs on sm_90 only), else the newest one's number."""
+    archs = cuda_archs()
+    generic = [a for a in archs if a.isdigit()]
+    return max(generic, key=int) if generic else str(max(_arch_number(a) for a in archs))
+
+
 def torch_arch_list() -> str:
-    """FASTDPO_CUDA_ARCHS ("80;90a") in TORCH_CUDA_ARCH_LIST form ("8.0;9.0a")."""
-    return ";".join(f"{a[:-1]}.{a[-1]}" if a[-1].isdigit() else f"{a[:-2]}.{a[-2:]}" for a in cuda_archs())
+    """FASTDPO_CUDA_ARCHS ("80;90a") in TORCH_CUDA_ARCH_LIST form, with PTX for :func:`ptx_arch`
+    ("8.0+PTX;9.0a")."""
+    archs = cuda_archs()
+    ptx = ptx_arch()
+    if ptx not in archs:
+        archs = archs + [ptx]
+
+    def spelled(a):
+        return f"{a[:-1]}.{a[-1]}" if a[-1].isdigit() else f"{a[:-2]}.{a[-2:]}"
+
+    return ";".join(spelled(a) + ("+PTX" if a == ptx else "") for a in archs)
+
+
+# The kernels' oldest target (bf16 arithmetic, the memory model they are written for).
+MIN_CUDA_ARCH = 80
+
+
+def cuda_arch_problem(major: int, minor: int) -> str | None:
+    """Why the CUDA library built for FASTDPO_CUDA_ARCHS cannot run on a GPU of compute capability
+    ``major.minor``, or None when it can: SASS for sm_XY runs on X.Z with Z >= Y (an arch-specific
+    "XYa" on X.Y only), and the embedded PTX (compute_P) is JIT-compiled on any GPU >= P."""
+    cc = major * 10 + minor
+    archs = cuda_archs()
+    built = ", ".join(f"sm_{a}" for a in archs) + f" + PTX compute_{ptx_arch()}"
+    where = (f"the CUDA library is built for {built} (FASTDPO_CUDA_ARCHS="
+             f"{os.environ.get('FASTDPO_CUDA_ARCHS', '80;90')!r})")
+    if cc < MIN_CUDA_ARCH:
+        return (f"this GPU has compute capability {major}.{minor} and the cuda kernels need "
+                f"{MIN_CUDA_ARCH // 10}.{MIN_CUDA_ARCH % 10} or newer ({where})")
+    for a in archs:
+        n = _arch_number(a)
+        if (n == cc) if not a.isdigit() else (n // 10 == major and n % 10 <= minor):
+            return None
+    if cc >= int(ptx_arch()):
+        return None
+    return (f"{where}, which has no code for this GPU (compute capability {major}.{minor}); "
+            f"add {major}{minor} to FASTDPO_CUDA_ARCHS")
 
 
 def _cpu_features() -> str:
@@ -208,7 +261,7 @@ def _entry_key(spec: ExtSpec) -> str:
     h.update(f"{torch.__version__}|{torch.version.cuda}|{sys.version_info[:2]}|{spec}".encode())
     h.update(_cpu_features().encode())
     if spec.cuda:
-        h.update(str(cuda_archs()).encode())
+        h.update(torch_arch_list().encode())  # the architectures and the embedded PTX
     return h.hexdigest()[:20]
 
 

@@ -8,6 +8,7 @@ was expected.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -41,15 +42,39 @@ def check_labels(labels, logits: torch.Tensor, name: str = "labels") -> torch.Te
     return labels
 
 
+def host_checks(t: torch.Tensor) -> bool:
+    """Whether a check of ``t``'s values may read them on the host: for CPU tensors outside torch.compile
+    (free there), or with ``FASTDPO_SYNC_CHECKS=1`` (a host synchronisation per check on GPUs, for
+    debugging). Elsewhere checks are queued on the device (:func:`require`)."""
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type == "cpu" or os.environ.get("FASTDPO_SYNC_CHECKS") == "1"
+
+
+def require(ok: torch.Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` unless the 0-d bool tensor ``ok`` is true. Without host checks
+    (GPU tensors, compiled graphs) it is ``torch._assert_async``: no host synchronisation, a
+    device-side assertion that surfaces at the next synchronisation on GPUs (a RuntimeError with
+    the message on CPU)."""
+    if host_checks(ok):
+        if not bool(ok):
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok, message)
+
+
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int, name: str = "labels") -> None:
-    """Labels must lie in [0, vocab) or equal ignore_index (one device sync on GPU)."""
+    """Labels must lie in [0, vocab) or equal ignore_index. On the host where that is free (a
+    ValueError naming the first bad label), else without a host synchronisation (:func:`require`);
+    the kernels also return NaN for such a label."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    if bool(bad.any()):
-        first = labels[bad].flatten()[0].item()
-        raise ValueError(
-            f"fastdpo: {name} contain {first}, outside the vocabulary [0, {vocab}); labels must be token ids "
-            f"or ignore_index ({ignore_index})"
-        )
+    expected = f"labels must be token ids or ignore_index ({ignore_index})"
+    if host_checks(labels):
+        if bool(bad.any()):
+            first = labels[bad].flatten()[0].item()
+            raise ValueError(f"fastdpo: {name} contain {first}, outside the vocabulary [0, {vocab}); {expected}")
+        return
+    torch._assert_async(~bad.any(), f"fastdpo: {name} contain a value outside the vocabulary [0, {vocab}); {expected}")
 
 
 def check_positive(value, name: str, *, allow_none: bool = False) -> float | None:

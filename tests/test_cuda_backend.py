@@ -39,7 +39,7 @@ def _assert_cuda_kernel_matches_schema(op):
 @needs_toolkit
 def test_extension_builds_links_and_registers_cuda_kernels(monkeypatch):
     monkeypatch.setenv("FASTDPO_CUDA_ARCHS", "80;90")
-    assert _build.torch_arch_list() == "8.0;9.0"
+    assert _build.torch_arch_list() == "8.0;9.0+PTX"
     path = _build.load_extension("cuda")
     assert path.endswith(".so")
     for op in ("logprobs_fwd", "logprobs_bwd", "logprobs_bwd_"):

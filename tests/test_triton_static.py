@@ -18,6 +18,7 @@ import re
 import pytest
 
 pytest.importorskip("triton")
+from fastdpo.bench import sass  # noqa: E402
 from fastdpo.bench import triton_static as ts  # noqa: E402
 
 
@@ -98,10 +99,9 @@ def test_main_loops_are_vector_loads_without_barriers(compiled):
         v = c.variant
         if not v.loops:
             continue
-        counts = ts.kernel_counts(v, c.sass)  # finds each main loop by its 128-bit loads, else raises
-        assert counts["barriers"] == 0, (v.label, c.arch)
+        assert ts.loop_barriers(v, c) == 0, (v.label, c.arch)  # finds each main loop by its 128-bit loads, else raises
         if v.kernel in ("logprobs_bwd_kernel", "tile_grad_kernel"):
-            assert counts["stg128"], (v.label, c.arch)  # the gradient goes out as 128-bit stores
+            assert ts.loop_stores_128(v, c), (v.label, c.arch)  # the gradient goes out as 128-bit stores
 
 
 def test_loss_paths_are_memory_bound_at_h100_rates():
@@ -114,25 +114,23 @@ def test_loss_paths_are_memory_bound_at_h100_rates():
         "linear fold, policy", "linear fold, reference", "linear fold, KL", "linear tile gradient",
         "dpo_loss forward, soft cap 30", "linear fold, policy, soft cap 30"}
     for v, c in zip(paths, ts.compile_variants(paths, (90,))):
-        cl = ts.ceiling(v, ts.kernel_counts(v, c.sass), "H100")
-        if cl["headroom"] < ts.HEADROOM:
-            short.append((v.path, v.dtype, round(cl["headroom"], 3), cl["bound"]))
+        cl = ts.roofline(v, c).ceilings(sass.H100)
+        if cl["ceiling"] < ts.HEADROOM:
+            short.append((v.path, v.dtype, round(cl["ceiling"], 3), cl["bound"]))
     assert not short, short
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_few_rows_keep_two_waves_in_flight(dtype):
     # At V = 128k, N >= 64 rows are split over the vocabulary so that the grid holds at least two
-    # waves of the compiled kernel's resident programs (from its registers) on an H100's 132 SMs.
-    sms = ts.GPUS["H100"][1]
+    # waves of the compiled kernel's resident programs (from its registers) on an H100's SMs.
     for rows in (64, 100, 256, 777, 1056):
         case = ts._Case("fwd", dtype, 128256, "contig", rows=rows, stats=True, ref=True)
         launch = ts._record(case)[0]
-        v = ts._variant(case, launch)
-        c = ts.compile_variant(v, 90)
-        resident = ts.resident_programs(c.n_regs, c.num_warps, c.shared)
+        c = ts.compile_variant(ts._variant(case, launch), 90)
+        resident = sass.resident_warps(c.n_regs, c.shared, 32 * c.num_warps) // c.num_warps
         programs = launch[1][0] * launch[1][1]
-        assert programs >= 2 * sms * resident, (rows, programs, resident)
+        assert programs >= 2 * sass.H100.sms * resident, (rows, programs, resident)
 
 
 def test_compiled_kernels_are_cached(variants):

@@ -8,20 +8,19 @@
 // GEMMs accumulate into caller-allocated (fp32) gradients. No Python per tile.
 //
 // Reduced-precision CPU GEMMs are fast only in the "A @ B^T" layout with both
-// operands contiguous, so the backward GEMMs are arranged that way for bf16/fp16.
+// operands contiguous, so the hidden-gradient GEMM is arranged that way for bf16/fp16.
+// The weight gradient accumulates in fp32 with fp32 products (add_weight_grad).
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
 namespace fastdpo {
 namespace {
-
-// Vocabulary columns per weight-gradient GEMM on the reduced-precision path.
-constexpr int64_t kNtBlock = 4096;
 
 using FwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double, double, bool, bool);
@@ -64,6 +63,27 @@ void project(at::Tensor& out, const at::Tensor& h, const at::Tensor& weight, con
     at::addmm_out(out, bias->expand_as(out), h, weight.t(), scale, scale);
   } else {
     at::addmm_out(out, out, h, weight.t(), 0.0, scale);  // beta = 0: out's old contents are ignored
+  }
+}
+
+// acc [V, H] += scale * x^T h for a gradient tile x [r, V] and its hidden rows h [r, H], with the
+// products and sums in acc's dtype (fp32) for bf16/fp16 tiles too, so a tile's partial gradient is
+// never rounded to the tile's dtype: a block's operands are upcast, each block within `budget` bytes.
+void add_weight_grad(const at::Tensor& acc, const at::Tensor& x, const at::Tensor& h, double scale, int64_t budget) {
+  if (x.scalar_type() == acc.scalar_type()) {
+    acc.addmm_(x.t(), h, 1.0, scale);
+    return;
+  }
+  const int64_t r = x.size(0), V = x.size(1), H = h.size(1), width = acc.element_size();
+  const int64_t rb = std::max<int64_t>(1, budget / (width * H));
+  for (int64_t i = 0; i < r; i += rb) {
+    const int64_t n = std::min(rb, r - i);
+    const at::Tensor hf = h.narrow(0, i, n).to(acc.scalar_type());
+    const int64_t vb = std::max<int64_t>(1, budget / (width * n));
+    for (int64_t v = 0; v < V; v += vb) {
+      const int64_t w = std::min(vb, V - v);
+      acc.narrow(0, v, w).addmm_(x.narrow(0, i, n).narrow(1, v, w).to(acc.scalar_type()).t(), hf, 1.0, scale);
+    }
   }
 }
 
@@ -113,22 +133,9 @@ void linear_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& hidden, const
     if (grad_hidden.has_value()) {
       at::Tensor gh = nt ? at::mm(x, wt.t()) : at::mm(x, weight);
       if (scale != 1.0) gh.mul_(scale);
-      grad_hidden->index_copy_(0, sel, gh);
+      grad_hidden->index_copy_(0, sel, gh.to(grad_hidden->scalar_type()));  // autocast: fp32 rows
     }
-    if (grad_weight.has_value()) {
-      if (grad_weight->scalar_type() == x.scalar_type()) {
-        grad_weight->addmm_(x.t(), h, 1.0, scale);
-      } else if (nt) {
-        // Vocabulary blocks keep the transposed copies small (same speed as one GEMM).
-        const at::Tensor ht = h.t().contiguous();
-        for (int64_t v = 0; v < x.size(1); v += kNtBlock) {
-          const int64_t w = std::min(kNtBlock, x.size(1) - v);
-          grad_weight->narrow(0, v, w).add_(at::mm(x.narrow(1, v, w).t().contiguous(), ht.t()), scale);
-        }
-      } else {
-        grad_weight->add_(at::mm(x.t(), h), scale);
-      }
-    }
+    if (grad_weight.has_value()) add_weight_grad(*grad_weight, x, h, scale, rows * x.size(1) * x.element_size());
     if (grad_bias.has_value()) grad_bias->add_(x.sum(0, false, grad_bias->scalar_type()), scale);
   }
 }

@@ -214,6 +214,11 @@ def _run_suite(name, what, family, cases, args, dev_name, out: Path, argv) -> bo
 
 
 def main(argv: list[str] | None = None) -> int:
+    sub = sys.argv[1:] if argv is None else argv
+    if sub and sub[0] in ("roofline", "gpu"):  # python -m fastdpo.bench roofline|gpu ...
+        import importlib
+
+        return importlib.import_module(f"fastdpo.bench.{sub[0]}").main(sub[1:])
     ap = argparse.ArgumentParser(prog="python -m fastdpo.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -291,14 +291,15 @@ def _linear_step(loss_fn: Callable, case: Case) -> Callable[[], None]:
     return _mode_step(case.mode, lambda: loss_fn(h, rh, w, y), loss)
 
 
-def _fastdpo_linear(backend: str, device: str):
+def _fastdpo_linear(backend: str, device: str, diagnostics: bool = False):
     import fastdpo
     from fastdpo import _backends
 
     _backends.resolve(backend, torch.device(device))
 
     def loss(h, rh, w, y):
-        return fastdpo.linear_dpo_loss(h, w, y, ref_hidden=rh, loss_type="sigmoid", beta=0.1, backend=backend).loss
+        return fastdpo.linear_dpo_loss(h, w, y, ref_hidden=rh, loss_type="sigmoid", beta=0.1, backend=backend,
+                                       diagnostics=diagnostics).loss
 
     return loss
 
@@ -387,6 +388,15 @@ LINEAR_PROVIDERS: list[Provider] = [
     Provider("liger-dpo", "anchor", lambda c: _linear_step(_liger_dpo(), c), _missing("liger_kernel", "liger-kernel")),
     Provider("floor-gemm", "floor", _gemm_floor),
     Provider("floor-gemm-response", "floor", lambda c: _gemm_floor(c, response_only=True)),
+]
+
+# The same fused-linear step with the training-dynamics diagnostics on (docs/diagnostics.md), to read their
+# cost against the plain fastdpo row. Kind "variant": neither an anchor nor a candidate for "fastest fastdpo".
+LINEAR_PROVIDERS += [
+    Provider(f"fastdpo-linear-{b}-diag", "variant",
+             (lambda b: lambda c: _linear_step(_fastdpo_linear(b, c.device, diagnostics=True), c))(b),
+             _fastdpo_unavailable(b))
+    for b in ("cpu", "triton", "cuda")
 ]
 
 PROVIDERS = {p.name: p for p in LOGPROB_PROVIDERS + LINEAR_PROVIDERS + KL_PROVIDERS}

@@ -11,12 +11,12 @@ compiled for sm_80 / sm_90 with Triton's own compiler, its SASS and a count of t
 * :func:`compile_variant` compiles one for an architecture (in a child process without
   ``TRITON_INTERPRET``, which the test suite sets), cached on disk under the fastdpo cache by a
   hash of the kernel source, the Triton version and the specialisation.
-* :func:`loop_profile` finds the innermost loops of a SASS listing and counts their
-  instructions (MUFU apart); :func:`ceiling` turns the counts into the issue / SFU / HBM times
-  per vocabulary position at H100 or H200 rates.
+* :func:`main_loops` picks each variant's main loops among those ``fastdpo.bench.sass`` finds in
+  its SASS (the fast paths: every global access 128-bit), :func:`kernel_profile` and
+  :func:`roofline` give ``fastdpo.bench.sass``'s profile and issue / SFU / HBM model of them, which
+  ``python -m fastdpo.bench roofline`` prints.
 
-``python -m fastdpo.bench.triton_static`` prints the table for the loss paths (``--all`` for
-every launcher variant).
+``python -m fastdpo.bench.triton_static`` compiles every launcher variant and reports problems.
 """
 
 from __future__ import annotations
@@ -208,20 +208,13 @@ def _record(case: _Case) -> list:
             tk.tile_grad_(tile, y, 0, m, m, case.temperature, case.softcap or None)
         elif case.op == "segment_sum":
             values = torch.empty(case.rows, device="meta")
-            off = torch.empty(case.V + 1, dtype=torch.int64, device="meta")
-            out = torch.empty(case.V, device="meta")
-            tk._launch(*_segment_launch(values, off, out))
+            seq_index = torch.empty(case.rows, dtype=torch.int64, device="meta")
+            tk.segment_sum(values, seq_index, case.V)
         else:
             raise ValueError(case.op)
     finally:
         tk._recorder = None
     return rec
-
-
-def _segment_launch(values, off, out):
-    from fastdpo.kernels import triton_logprobs as k
-
-    return k.segment_sum_kernel, (out.numel(),), (values, off, out), dict(BLOCK=1024), False
 
 
 VOCABS = (1, 7, 4097, 32000, 50257, 128256, 262144)
@@ -326,8 +319,9 @@ def launcher_variants() -> list[Variant]:
 
 
 def loss_path_variants() -> list[Variant]:
-    """The specialisations the losses launch by default (``path`` says which)."""
-    return [v for v in _collect(_path_cases()) if v.path]
+    """The specialisations the losses launch by default (``path`` says which) that stream the
+    vocabulary (the split's combine kernel, also launched, works per row)."""
+    return [v for v in _collect(_path_cases()) if v.path and v.loops]
 
 
 # --------------------------------------------------------------------------- compiling
@@ -479,187 +473,93 @@ def _worker(job_file: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-# --------------------------------------------------------------------------- SASS loop profile
-
-_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
-_LABEL = re.compile(r"^(\.L\w+):")
-_TARGET = re.compile(r"`\((\.L\w+)\)")
+# --------------------------------------------------------------------------- main loops (fastdpo.bench.sass)
 
 
-@dataclasses.dataclass(frozen=True)
-class Loop:
-    start: int  # address of the first instruction
-    end: int  # address of the backward branch
-    instructions: tuple  # (opcode, text) of the body
-
-    @property
-    def n(self) -> int:
-        return len(self.instructions)
-
-    def count(self, prefix: str) -> int:
-        return sum(1 for op, _ in self.instructions if op.startswith(prefix))
-
-    @property
-    def mufu(self) -> int:
-        return self.count("MUFU")
+def _is_vector_loop(lp) -> bool:
+    """All global loads and stores 128-bit, at least one load: a fast path's loop (the kernels also
+    hold masked partial blocks and loops for rows aligned differently, with narrower accesses)."""
+    return bool(lp.loads) and set(lp.loads) == {16} and set(lp.stores) <= {16}
 
 
-def parse_sass(text: str) -> tuple[list, dict]:
-    """[(address, opcode, text)] and {label: address} of one kernel's SASS."""
-    instrs, labels, pending = [], {}, []
-    for line in text.splitlines():
-        m = _LABEL.match(line.strip())
-        if m:
-            pending.append(m.group(1))
-            continue
-        m = _INSTR.match(line)
-        if not m:
-            continue
-        addr = int(m.group(1), 16)
-        body = m.group(2)
-        toks = body.split()
-        op = toks[1] if toks and toks[0].startswith("@") and len(toks) > 1 else (toks[0] if toks else "")
-        for lab in pending:
-            labels[lab] = addr
-        pending = []
-        instrs.append((addr, op, body))
-    return instrs, labels
+def main_loops(v: Variant, sass_text: str) -> list:
+    """The main loops of ``v`` (``fastdpo.bench.sass.Loop``), matched to ``v.loops`` by their
+    128-bit loads per iteration; raises when one is missing."""
+    from fastdpo.bench import sass
 
-
-def loop_profile(text: str) -> list[Loop]:
-    """The innermost loops (a backward branch and its target) of a SASS listing, in address order."""
-    instrs, labels = parse_sass(text)
-    loops = []
-    for addr, op, body in instrs:
-        if not op.startswith("BRA"):
-            continue
-        m = _TARGET.search(body)
-        if not m or m.group(1) not in labels:
-            continue
-        start = labels[m.group(1)]
-        if start < addr:  # backward: a loop (a branch to itself is the trap after EXIT)
-            loops.append((start, addr))
-    inner = [(s, e) for s, e in loops if not any((s2, e2) != (s, e) and s <= s2 and e2 <= e for s2, e2 in loops)]
-    out = []
-    for s, e in sorted(inner):
-        body = tuple((op, b) for a, op, b in instrs if s <= a <= e and op != "NOP")
-        out.append(Loop(s, e, body))
-    return out
-
-
-_LDG128 = re.compile(r"^LDG\.E(\.\w+)*\.128")
-_STG128 = re.compile(r"^STG\.E(\.\w+)*\.128")
-
-
-def _vector_loops(loops: list[Loop]) -> list[Loop]:
-    """Loops whose global loads and stores are all 128-bit, with at least one load: the fast
-    paths (a kernel also holds masked-edge and differently-aligned fallback code)."""
-    out = []
-    for lp in loops:
-        mem = [op for op, _ in lp.instructions if op.startswith(("LDG", "STG"))]
-        if any(_LDG128.match(op) for op in mem) and all(_LDG128.match(op) or _STG128.match(op) for op in mem):
-            out.append(lp)
-    return out
-
-
-def main_loops(v: Variant, sass_text: str) -> list[Loop]:
-    """The main loops of ``v`` in its SASS, matched to ``v.loops`` by their 128-bit loads."""
-    cands = _vector_loops(loop_profile(sass_text))
+    instrs = next(iter(sass.parse_sass(sass_text).values()), [])
+    cands = [lp for lp in sass.innermost(sass.find_loops(instrs)) if _is_vector_loop(lp)]
     picked = []
     for _, nldg in v.loops:
-        hit = [lp for lp in cands if lp not in picked and sum(1 for op, _ in lp.instructions if _LDG128.match(op)) == nldg]
+        hit = [lp for lp in cands if lp not in picked and lp.loads[16] == nldg]
         if not hit:
             raise AssertionError(f"{v.label}: no main loop with {nldg} 128-bit loads in the SASS "
-                                 f"(vector loops found: {[lp.count('LDG') for lp in cands]})")
+                                 f"(vector loops: {[lp.summary() for lp in cands]})")
         picked.append(hit[0])
     return picked
 
 
-def kernel_counts(v: Variant, sass_text: str) -> dict:
-    """Instructions and MUFU ops per vocabulary position in the main loops of ``v``."""
-    loops = main_loops(v, sass_text)
-    ipe = sum(lp.n / per for lp, (per, _) in zip(loops, v.loops))
-    mpe = sum(lp.mufu / per for lp, (per, _) in zip(loops, v.loops))
-    stores = [op for lp in loops for op, _ in lp.instructions if op.startswith("STG")]
-    return {"instr_per_elem": ipe, "mufu_per_elem": mpe, "loops": loops,
-            "barriers": sum(lp.count("BAR") + lp.count("SHFL") for lp in loops),
-            "stg128": bool(stores) and all(_STG128.match(op) for op in stores)}
+def kernel_profile(v: Variant, c: Compiled):
+    """``fastdpo.bench.sass.KernelProfile`` of a compiled variant: its main loops and resources."""
+    from fastdpo.bench import sass
+
+    return sass.KernelProfile(v.kernel, main_loops(v, c.sass), c.n_regs, c.shared, c.local, 32 * c.num_warps)
 
 
-# --------------------------------------------------------------------------- ceiling model
+def roofline(v: Variant, c: Compiled):
+    """Instructions, MUFU ops and HBM bytes per vocabulary position (``fastdpo.bench.sass.Roofline``)."""
+    from fastdpo.bench import sass
 
-GPUS = {
-    # HBM bytes/s, SMs, SM clock (Hz); 4 schedulers x 32 lanes issue per SM per clock, MUFU 16 per SM per clock.
-    "H100": (3.35e12, 132, 1.98e9),
-    "H200": (4.8e12, 132, 1.98e9),
-}
-HEADROOM = 1.25  # the required ceiling / memory-time ratio of the loss paths
-
-
-def resident_programs(n_regs: int, num_warps: int, shared: int) -> int:
-    """Programs (CTAs) of a kernel resident on one sm_90 SM: 64K registers (allocated per warp in
-    units of 256), 2048 threads, 32 CTAs, 227 KiB shared memory."""
-    regs_per_warp = -(-max(n_regs, 1) * 32 // 256) * 256
-    by_regs = 65536 // (regs_per_warp * num_warps)
-    by_threads = 2048 // (32 * num_warps)
-    by_smem = (227 * 1024) // shared if shared else 32
-    return max(0, min(by_regs, by_threads, by_smem, 32))
+    prof = kernel_profile(v, c)
+    model = sass.roofline(prof, _ITEMSIZE[v.dtype], v.bytes_per_elem)
+    # the loop model and the SASS agree: per iteration set, the loops cover v.loops' positions
+    rows = v.bytes_per_elem / _ITEMSIZE[v.dtype]
+    elems = sum(lp.elements(_ITEMSIZE[v.dtype]) for lp in prof.loops) / rows
+    assert all(elems == per for per, _ in v.loops), (v.label, elems, [lp.summary() for lp in prof.loops])
+    return model
 
 
-def ceiling(v: Variant, counts: dict, gpu: str = "H100") -> dict:
-    """Per vocabulary position: memory, issue and SFU times and their ratio (``headroom`` =
-    memory time / the tighter of issue and SFU time; >= 1 means memory-bound by construction)."""
-    hbm, sms, clk = GPUS[gpu]
-    t_mem = v.bytes_per_elem / hbm
-    t_issue = counts["instr_per_elem"] / (sms * 4 * 32 * clk)
-    t_sfu = counts["mufu_per_elem"] / (sms * 16 * clk)
-    tight = max(t_issue, t_sfu)
-    return {"t_mem": t_mem, "t_issue": t_issue, "t_sfu": t_sfu, "bound": "SFU" if t_sfu > t_issue else "issue",
-            "headroom": t_mem / tight if tight else float("inf"),
-            "pct_hbm": 100.0 * min(1.0, t_mem / tight) if tight else 100.0}
+def loop_barriers(v: Variant, c: Compiled) -> int:
+    """Barriers and shuffles in the main loops (0: the lanes merge once per row, after the loop)."""
+    return sum(1 for lp in main_loops(v, c.sass) for i in lp.instrs if i.base in ("BAR", "SHFL"))
 
 
-def table(variants, arch: int = 90, gpus=("H100", "H200")) -> list[dict]:
-    rows = []
-    variants = [v for v in variants if v.loops]
-    for v, ck in zip(variants, compile_variants(variants, (arch,))):
-        c = kernel_counts(v, ck.sass)
-        row = {"label": v.label, "path": v.path, "dtype": v.dtype, "bytes": v.bytes_per_elem, "instr": c["instr_per_elem"],
-               "mufu": c["mufu_per_elem"], "regs": ck.n_regs, "spills": ck.n_spills,
-               "warps_per_sm": resident_programs(ck.n_regs, ck.num_warps, ck.shared) * ck.num_warps}
-        for g in gpus:
-            cl = ceiling(v, c, g)
-            row[f"headroom_{g}"] = cl["headroom"]
-            row[f"bound_{g}"] = cl["bound"]
-        rows.append(row)
-    return rows
+def loop_stores_128(v: Variant, c: Compiled) -> bool:
+    """Whether the main loops store (the backward's gradient) and only with 128-bit stores."""
+    loops = main_loops(v, c.sass)
+    return all(lp.stores and set(lp.stores) == {16} for lp in loops)
 
 
-def format_table(rows, gpus=("H100", "H200")) -> str:
-    head = ["variant", "B/elem", "instr/elem", "MUFU/elem", "regs", "warps/SM"] + [f"{g} ceiling/mem" for g in gpus]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        name = f"{r['path']} ({r['dtype']})" if r["path"] else r["label"]
-        cells = [name, f"{r['bytes']:g}", f"{r['instr']:.2f}", f"{r['mufu']:.2f}", str(r["regs"]),
-                 str(r["warps_per_sm"])] + [f"{r[f'headroom_{g}']:.2f}x ({r[f'bound_{g}']})" for g in gpus]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+HEADROOM = 1.25  # the required ceiling / memory-time ratio of the loss paths at H100 rates
 
 
 def main(argv=None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m fastdpo.bench.triton_static", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fastdpo.bench.triton_static",
+                                description="Compile every Triton launcher specialisation for sm_80 and sm_90 "
+                                            "(cached) and report spills, local memory and main loops; the roofline "
+                                            "table is `python -m fastdpo.bench roofline`.")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--all", action="store_true", help="every launcher variant, not only the loss paths")
-    p.add_argument("--arch", type=int, default=90, choices=ARCHS)
     a = p.parse_args(argv)
     if a.worker:
         _worker(a.worker)
         return 0
-    variants = launcher_variants() if a.all else loss_path_variants()
-    print(format_table(table(variants, a.arch)))
-    return 0
+    variants = launcher_variants()
+    bad = []
+    for c in compile_variants(variants):
+        if c.n_spills or c.local:
+            bad.append(f"{c.variant.label} sm_{c.arch}: {c.n_spills} B spilled, {c.local} B local")
+        if c.variant.loops:
+            try:
+                main_loops(c.variant, c.sass)
+            except AssertionError as e:
+                bad.append(f"{c.variant.label} sm_{c.arch}: {e}")
+    print(f"{len(variants)} Triton kernel specialisations x sm_{'/sm_'.join(map(str, ARCHS))}: "
+          f"{'all clean' if not bad else f'{len(bad)} problem(s)'}")
+    for b in bad:
+        print("  " + b)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

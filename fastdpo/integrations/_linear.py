@@ -50,7 +50,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         device = hidden.device
         n, vocab = hidden.shape[0], weight.shape[0]
-        cd = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
+        cd = linear.compute_dtype(device, hidden.dtype)  # autocast's dtype, as F.linear
         o = linear.TileOptions(ignore_index, float(temperature), float(softcap) if softcap else 0.0,
                                float(logit_scale), _backends.resolve(backend, device).value,
                                max(1, block_elements // max(vocab, 1)))
@@ -62,9 +62,9 @@ class LinearLogprobsFunction(torch.autograd.Function):
         logp = torch.zeros(n, dtype=acc, device=device)
         lse = torch.zeros(n, dtype=acc, device=device)
         stats = torch.zeros(n, len(STAT_NAMES), dtype=acc, device=device) if want_stats else None
-        b = bias.to(cd) if bias is not None else None
-        with torch.no_grad():
-            linear.fold_rows(kern, hidden.to(cd), weight.to(cd), b, targets, idx, o, want_stats, logp, lse, stats)
+        with torch.no_grad(), linear.no_autocast(device):
+            linear.fold_rows(kern, *linear.cast(cd, hidden, weight, bias), targets, idx, o, want_stats, logp, lse,
+                             stats)
         logp = logp.float()
         entropy = stats[:, _STAT["entropy"]].float() if "entropy" in outputs else None
         lssp = stats[:, _STAT["log_sum_p2"]].float() if "log_sum_sq_probs" in outputs else None
@@ -81,9 +81,8 @@ class LinearLogprobsFunction(torch.autograd.Function):
         cd, o = ctx.args
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         kern = _backends.kernel_module(_backends.Backend(o.backend))
-        with _gather_ctx(weight, bias), torch.no_grad():
-            h, w = hidden.to(cd), weight.to(cd)
-            b = bias.to(cd) if bias is not None else None
+        with _gather_ctx(weight, bias), torch.no_grad(), linear.no_autocast(hidden.device):
+            h, w, b = linear.cast(cd, hidden, weight, bias)
             grads = linear.GradAccumulator(h, w, b, need_h, need_w, need_b)
             g_lp = grad_logp.to(lse.dtype) if grad_logp is not None else torch.zeros_like(lse)
             n = idx.numel()

@@ -42,14 +42,17 @@ def stats_from_fields(shape, *, entropy=None, is_top1=None, mean_logits=None, lo
 def loss_from_token_logprobs(logps: torch.Tensor, labels: torch.Tensor, *, ref_token_logps: torch.Tensor | None = None,
                              ref_logps: torch.Tensor | None = None, stats: torch.Tensor | None = None,
                              ignore_index: int = -100, token_weights=None, pair_weights=None, desirable=None,
-                             **loss_options) -> _compute.DPOOutput:
+                             diagnostics: bool = False, **loss_options) -> _compute.DPOOutput:
     """DPO-family loss from per-token policy log-probs ``logps [N, T]`` (0 at ignored tokens, differentiable).
 
     ``labels [N, T]`` marks the scored tokens (``!= ignore_index``); ``ref_token_logps [N, T]`` are the
     reference's per-token log-probs, or ``ref_logps [N]`` its precomputed sequence log-probs; ``stats``
     ``[N, T, 4]`` (entropy, argmax hit, mean logit, log sum p^2) feeds the metrics and WPO weights.
-    ``loss_options`` are those of :func:`fastdpo.dpo_loss`.
+    ``loss_options`` are those of :func:`fastdpo.dpo_loss`; ``diagnostics=True`` needs ``stats`` (its
+    ``log sum p^2`` column gives the gradient norms).
     """
+    if diagnostics and stats is None:
+        raise ValueError("fastdpo: diagnostics=True needs stats (the per-token log sum p^2 of the fused pass)")
     if logps.shape != labels.shape:
         raise ValueError(f"fastdpo: logps and labels must have the same shape, got {tuple(logps.shape)} and "
                          f"{tuple(labels.shape)}")
@@ -70,7 +73,7 @@ def loss_from_token_logprobs(logps: torch.Tensor, labels: torch.Tensor, *, ref_t
                         f_alpha_divergence_coef=opts["f_alpha_divergence_coef"], ld_alpha=opts["ld_alpha"],
                         use_weighting=opts["use_weighting"], discopop_tau=opts["discopop_tau"],
                         ignore_index=ignore_index, token_weights=token_weights, pair_weights=pair_weights,
-                        desirable=desirable, variant_options=variant)
+                        desirable=desirable, variant_options=variant, diagnostics=diagnostics)
 
 
 def pair_losses(loss_type: str, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None,

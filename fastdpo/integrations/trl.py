@@ -85,6 +85,8 @@ class FastChunkedLogProbFunction:
     ``chunk_size`` (TRL's vocabulary tile width) does not apply, since the kernel reads whole rows.
     """
 
+    extra_outputs: tuple = ()  # returned whatever TRL asks for (same kernel pass; FastDPOTrainer's diagnostics)
+
     def __init__(self, backend: str = "auto", block_elements: int = DEFAULT_BLOCK_ELEMENTS):
         self.backend = backend
         self.block_elements = block_elements
@@ -92,7 +94,8 @@ class FastChunkedLogProbFunction:
     def apply(self, hidden, weight, bias, targets, temperature, chunk_size=None, final_logit_softcapping=None,
               logit_scale=1.0, outputs=OPTIONAL_OUTPUTS):
         return linear_token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                                     softcap=final_logit_softcapping, logit_scale=logit_scale, outputs=outputs,
+                                     softcap=final_logit_softcapping, logit_scale=logit_scale,
+                                     outputs=tuple(outputs) + self.extra_outputs,
                                      ignore_index=-100, backend=self.backend, block_elements=self.block_elements)
 
     def __repr__(self):
@@ -213,7 +216,9 @@ class FastDPOTrainer(DPOTrainer):
     fused LM head backed by fastdpo's kernel) and the objective (fastdpo's loss library).
 
     Same constructor and ``DPOConfig``; logs TRL's metrics under TRL's names. ``fastdpo_backend`` (keyword
-    only, default ``"auto"``) picks the kernel backend. Options it cannot honour raise a ValueError naming them.
+    only, default ``"auto"``) picks the kernel backend. ``fastdpo_diagnostics=True`` (keyword only) also logs
+    the loss library's training-dynamics diagnostics under ``diagnostics/...`` (docs/diagnostics.md), from
+    the same kernel pass. Options it cannot honour raise a ValueError naming them.
     """
 
     _tag_names = [*getattr(DPOTrainer, "_tag_names", []), "fastdpo"]
@@ -221,9 +226,12 @@ class FastDPOTrainer(DPOTrainer):
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
                  optimizers=(None, None), quantization_config=None, peft_config=None, *,
-                 fastdpo_backend: str = "auto"):
+                 fastdpo_backend: str = "auto", fastdpo_diagnostics: bool = False):
         _check_config(args)
+        if not isinstance(fastdpo_diagnostics, bool):
+            raise TypeError(f"FastDPOTrainer: fastdpo_diagnostics must be True or False, got {fastdpo_diagnostics!r}")
         self.fastdpo_backend = fastdpo_backend
+        self.fastdpo_diagnostics = fastdpo_diagnostics
         # TRL runs the reference precompute pass inside its constructor, so the kernel is in place already
         with self._fastdpo_head():
             super().__init__(model, ref_model=ref_model, args=args, data_collator=data_collator,
@@ -234,9 +242,13 @@ class FastDPOTrainer(DPOTrainer):
         self._fastdpo_options = _loss_options(self.args)
 
     def _fastdpo_head(self):
-        if is_fused_lm_head_patched():
+        # the diagnostics' gradient norms need log sum p^2, which TRL's head computes only for WPO
+        extra = ("log_sum_sq_probs",) if self.fastdpo_diagnostics else ()
+        if is_fused_lm_head_patched() and set(extra) <= set(_trl_utils._ChunkedLogProbFunction.extra_outputs):
             return contextlib.nullcontext()
-        return patch_fused_lm_head(self.fastdpo_backend)
+        patch = patch_fused_lm_head(self.fastdpo_backend)
+        patch.function.extra_outputs = extra
+        return patch
 
     def compute_ref_log_probs(self, model, inputs):
         with self._fastdpo_head():
@@ -284,7 +296,7 @@ class FastDPOTrainer(DPOTrainer):
             device=shift_labels.device)
         out = _losses.loss_from_token_logprobs(
             tail(outputs.log_probs), shift_labels, ref_token_logps=ref_token_logps, ref_logps=ref_logps, stats=stats,
-            **self._fastdpo_options)
+            diagnostics=self.fastdpo_diagnostics, **self._fastdpo_options)
         loss = out.loss
 
         if self.aux_loss_enabled:
@@ -293,6 +305,8 @@ class FastDPOTrainer(DPOTrainer):
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
         self._log_fastdpo_metrics(mode, inputs, out, stats, shift_labels != -100)
+        if self.fastdpo_diagnostics:
+            self._log_fastdpo_diagnostics(mode, out, outputs)
 
         if return_outputs:
             # as TRL: the logits handed to compute_metrics need a plain forward
@@ -329,3 +343,13 @@ class FastDPOTrainer(DPOTrainer):
         m["rewards/margins"].append(acc.gather(cr - rr).mean().item())
         m["logps/chosen"].append(acc.gather(out.chosen_logps.detach()).mean().item())
         m["logps/rejected"].append(acc.gather(out.rejected_logps.detach()).mean().item())
+
+    def _log_fastdpo_diagnostics(self, mode, out, outputs):
+        """The loss library's ``diagnostics/...`` metrics of the batch over all processes (per-pair values
+        gathered, gradient norms of the process-averaged gradient; docs/diagnostics.md)."""
+        if outputs.log_sum_sq_probs is None:
+            raise RuntimeError("FastDPOTrainer: fastdpo_diagnostics=True needs log_sum_sq_probs from the fused LM "
+                               "head, which the active head did not return")
+        summary = out.diagnostics.gathered(self.accelerator.gather).summary()
+        for k, v in zip(summary, torch.stack(list(summary.values())).tolist()):  # one device sync
+            self._metrics[mode][k].append(v)

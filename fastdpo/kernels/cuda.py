@@ -16,6 +16,9 @@ def unavailable_reason(device: torch.device) -> str | None:
         return "no CUDA device is available"
     if not torch.version.cuda:
         return "this torch is not a CUDA build"
+    problem = _build.cuda_arch_problem(*torch.cuda.get_device_capability(device))
+    if problem is not None:  # a GPU that should run it: "auto" warns when it falls back
+        raise _build.UnsupportedGPUError(f"fastdpo: {problem}")
     if _build.cuda_home() is None:
         return "no CUDA toolkit found to build the extension (set CUDA_HOME or put nvcc on PATH)"
     _build.load_extension("cuda")  # raises BuildError with the log path on failure

@@ -16,6 +16,9 @@ from typing import Optional
 
 import torch
 
+from fastdpo import _validation
+from fastdpo.kernels._device import on_input_device
+
 _ops = None
 
 
@@ -123,7 +126,10 @@ def _like_phase(x: torch.Tensor) -> torch.Tensor:
 _recorder: list | None = None
 
 
-def _launch(kernel, grid, args, meta, wrap: bool = True):
+@on_input_device
+def _launch(*args, kernel, grid, meta, wrap: bool = True):
+    """Launch ``kernel[grid](*args, **meta)`` (through ``wrap_triton`` inside the ops) on the device
+    of its first tensor argument."""
     if _recorder is not None:
         _recorder.append((kernel, tuple(grid), tuple(args), dict(meta)))
         return
@@ -134,6 +140,7 @@ def _launch(kernel, grid, args, meta, wrap: bool = True):
     kernel[grid](*args, **meta)
 
 
+@on_input_device
 def _fwd(logits, labels, ref_logits, ignore_index, temperature, softcap, stats, kl):
     from fastdpo.kernels import triton_logprobs as k
 
@@ -161,18 +168,18 @@ def _fwd(logits, labels, ref_logits, ignore_index, temperature, softcap, stats, 
         flags = dict(VEC=vec, CAP=cap, STATS=bool(stats), HAS_REF=ref_logits is not None, KL=bool(kl), FAST=fast,
                      APPROX=approx)
         strides = (T, logits.stride(0), logits.stride(1), r.stride(0), r.stride(1), V)
-        _launch(k.logprobs_fwd_kernel, (rows, nseg), (
-            logits, r, labels, *outs, ws, *strides, per, ignore_index, kz, inv_cap, kz * _LOG2E),
-            dict(LANES=32 * nw, POLY=_poly(cap, logits.dtype), num_warps=nw, **flags))
+        _launch(logits, r, labels, *outs, ws, *strides, per, ignore_index, kz, inv_cap, kz * _LOG2E,
+                kernel=k.logprobs_fwd_kernel, grid=(rows, nseg),
+                meta=dict(LANES=32 * nw, POLY=_poly(cap, logits.dtype), num_warps=nw, **flags))
         if nseg > 1:
-            _launch(k.logprobs_combine_kernel, (rows,), (
-                logits, r, labels, *outs, ws, *strides, nseg, ignore_index, kz, inv_cap, int(stats),
-                int(ref_logits is not None), int(kl)),
-                dict(SEGS=_SEGS_SMALL if nseg <= _SEGS_SMALL else _SEGS_LARGE, VEC=vec, CAP=min(cap, 1), FAST=fast,
-                     APPROX=approx, num_warps=1))
+            _launch(logits, r, labels, *outs, ws, *strides, nseg, ignore_index, kz, inv_cap, int(stats),
+                    int(ref_logits is not None), int(kl), kernel=k.logprobs_combine_kernel, grid=(rows,),
+                    meta=dict(SEGS=_SEGS_SMALL if nseg <= _SEGS_SMALL else _SEGS_LARGE, VEC=vec, CAP=min(cap, 1),
+                              FAST=fast, APPROX=approx, num_warps=1))
     return logp, lse, ref, st, kl_out, ref_lse
 
 
+@on_input_device
 def _bwd(grad, logits, labels, lse, out, ignore_index, temperature, softcap, grad_kl, ref_logits, ref_lse):
     from fastdpo.kernels import triton_logprobs as k
 
@@ -192,22 +199,31 @@ def _bwd(grad, logits, labels, lse, out, ignore_index, temperature, softcap, gra
     has_kl = grad_kl is not None
     # Without KL the extra pointers are never read; any tensor stands in.
     gk, r, rl = (grad_kl, ref_logits, ref_lse) if has_kl else (grad, logits, lse)
-    _launch(k.logprobs_bwd_kernel, (B * T, nprog), (
-        grad, logits, labels, lse, out, gk, r, rl, T, logits.stride(0), logits.stride(1), out.stride(0),
-        out.stride(1), r.stride(0), r.stride(1), V, per, ignore_index, inv_cap, kz * _LOG2E, 1.0 / temperature),
-        dict(VEC=vec, LANES=32 * nw, CAP=min(cap, 1), HAS_KL=has_kl, FAST=fast, APPROX=approx, num_warps=nw))
+    _launch(grad, logits, labels, lse, out, gk, r, rl, T, logits.stride(0), logits.stride(1), out.stride(0),
+            out.stride(1), r.stride(0), r.stride(1), V, per, ignore_index, inv_cap, kz * _LOG2E, 1.0 / temperature,
+            kernel=k.logprobs_bwd_kernel, grid=(B * T, nprog),
+            meta=dict(VEC=vec, LANES=32 * nw, CAP=min(cap, 1), HAS_KL=has_kl, FAST=fast, APPROX=approx, num_warps=nw))
 
 
 def _define_ops():
+    import triton
     from torch.library import triton_op
 
-    @triton_op("fastdpo::logprobs_fwd_triton", mutates_args=())
+    from fastdpo.kernels import triton_logprobs as k
+
+    def op(name, mutates_args, same_as):
+        if isinstance(k.logprobs_fwd_kernel, triton.runtime.JITFunction):
+            return triton_op(name, mutates_args=mutates_args)
+        return _interpreter_op(name, mutates_args, same_as)
+
+    @op("fastdpo::logprobs_fwd_triton", mutates_args=(), same_as="logprobs_fwd")
+    @on_input_device
     def fwd(logits: torch.Tensor, labels: torch.Tensor, ref_logits: Optional[torch.Tensor], ignore_index: int,
             temperature: float, softcap: float, stats: bool, kl: bool = False
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return _fwd(logits, labels, ref_logits, ignore_index, temperature, softcap, stats, kl)
 
-    @triton_op("fastdpo::logprobs_bwd_triton", mutates_args=())
+    @op("fastdpo::logprobs_bwd_triton", mutates_args=(), same_as="logprobs_bwd")
     def bwd(grad_logp: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
             ignore_index: int, temperature: float, softcap: float, grad_kl: Optional[torch.Tensor] = None,
             ref_logits: Optional[torch.Tensor] = None, ref_lse: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -215,7 +231,7 @@ def _define_ops():
         _bwd(grad_logp, logits, labels, lse, out, ignore_index, temperature, softcap, grad_kl, ref_logits, ref_lse)
         return out
 
-    @triton_op("fastdpo::logprobs_bwd_triton_", mutates_args=("logits",))
+    @op("fastdpo::logprobs_bwd_triton_", mutates_args=("logits",), same_as="logprobs_bwd_")
     def bwd_inplace(grad_logp: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                     ignore_index: int, temperature: float, softcap: float, grad_kl: Optional[torch.Tensor] = None,
                     ref_logits: Optional[torch.Tensor] = None, ref_lse: Optional[torch.Tensor] = None) -> None:
@@ -223,6 +239,19 @@ def _define_ops():
              ref_lse)
 
     return fwd, bwd, bwd_inplace
+
+
+def _interpreter_op(name, mutates_args, same_as):
+    """Under TRITON_INTERPRET=1 the kernels are Python functions that torch.compile cannot trace into:
+    register the body as an opaque custom op instead of a triton_op, whose fake kernel is that of the
+    ``fastdpo::`` op with the same contract (called on the fake tensors)."""
+
+    def register(fn):
+        custom = torch.library.custom_op(name, fn, mutates_args=mutates_args)
+        custom.register_fake(lambda *args, **kwargs: getattr(torch.ops.fastdpo, same_as)(*args, **kwargs))
+        return custom
+
+    return register
 
 
 def _get_ops():
@@ -264,6 +293,7 @@ def logprobs_bwd(grad_logp, logits, labels, lse, ignore_index, temperature, soft
 # Launched directly (eager) by the chunked loops that use them.
 
 
+@on_input_device
 def lse_fold(tile, labels, v_offset: int, m, s, z_label, temperature: float = 1.0, softcap: float | None = None):
     """Fold a logits tile ``[n, c]`` (vocabulary ids ``v_offset .. v_offset + c``) into
     the running max ``m [n]`` and sum ``s [n]`` (fp32, in place; start from -inf and 0),
@@ -279,12 +309,13 @@ def lse_fold(tile, labels, v_offset: int, m, s, z_label, temperature: float = 1.
     kz, inv_cap, cap, approx = _transform_consts(temperature, softcap, tile.dtype, fast)
     vec = _vec(tile.dtype)
     nw = _warps(c, vec)
-    _launch(k.lse_fold_kernel, (n,), (tile, labels, m, s, z_label, tile.stride(0), c, v_offset, kz, inv_cap,
-                                      kz * _LOG2E),
-            dict(VEC=vec, LANES=32 * nw, CAP=cap, POLY=_poly(cap, tile.dtype), FAST=fast, APPROX=approx, num_warps=nw),
-            wrap=False)
+    _launch(tile, labels, m, s, z_label, tile.stride(0), c, v_offset, kz, inv_cap, kz * _LOG2E,
+            kernel=k.lse_fold_kernel, grid=(n,), wrap=False,
+            meta=dict(VEC=vec, LANES=32 * nw, CAP=cap, POLY=_poly(cap, tile.dtype), FAST=fast, APPROX=approx,
+                      num_warps=nw))
 
 
+@on_input_device
 def tile_grad_(tile, labels, v_offset: int, lse, grad, temperature: float = 1.0, softcap: float | None = None):
     """Overwrite a recomputed logits tile ``[n, c]`` with ``grad * (onehot - softmax) * dz/dx``
     (``lse`` and ``grad`` are fp32 ``[n]``; rows with ``grad == 0`` become 0)."""
@@ -300,15 +331,16 @@ def tile_grad_(tile, labels, v_offset: int, lse, grad, temperature: float = 1.0,
     nw = _warps(c, vec)
     blocks = -(-(c + vec - 1) // (2 * 32 * nw * vec))
     per = min(blocks, _BWD_MAX_BLOCKS)
-    _launch(k.tile_grad_kernel, (n, -(-blocks // per)), (tile, labels, lse, grad, tile.stride(0), c, v_offset, per,
-                                                          inv_cap, kz * _LOG2E, 1.0 / temperature),
-            dict(VEC=vec, LANES=32 * nw, CAP=min(cap, 1), FAST=fast, APPROX=approx, num_warps=nw), wrap=False)
+    _launch(tile, labels, lse, grad, tile.stride(0), c, v_offset, per, inv_cap, kz * _LOG2E, 1.0 / temperature,
+            kernel=k.tile_grad_kernel, grid=(n, -(-blocks // per)), wrap=False,
+            meta=dict(VEC=vec, LANES=32 * nw, CAP=min(cap, 1), FAST=fast, APPROX=approx, num_warps=nw))
     return tile
 
 
 def _segment_offsets(seq_index: torch.Tensor, num_segments: int) -> torch.Tensor:
-    if seq_index.numel() > 1 and bool((seq_index[1:] < seq_index[:-1]).any()):
-        raise ValueError("fastdpo: seq_index must be non-decreasing (tokens of one sequence packed together)")
+    if seq_index.numel() > 1:
+        _validation.require((seq_index[1:] >= seq_index[:-1]).all(),
+                            "fastdpo: seq_index must be non-decreasing (tokens of one sequence packed together)")
     bounds = torch.arange(num_segments + 1, device=seq_index.device, dtype=seq_index.dtype)
     return torch.searchsorted(seq_index, bounds)
 
@@ -321,6 +353,7 @@ def segment_sum_torch(values: torch.Tensor, seq_index: torch.Tensor, num_segment
         values.new_zeros(0, dtype=torch.float32)
 
 
+@on_input_device
 def segment_sum(values: torch.Tensor, seq_index: torch.Tensor, num_segments: int) -> torch.Tensor:
     """Per-sequence sums of per-token values for packed (padding-free) batches:
     ``out[k] = sum(values[seq_index == k])`` with ``seq_index`` non-decreasing.
@@ -331,5 +364,6 @@ def segment_sum(values: torch.Tensor, seq_index: torch.Tensor, num_segments: int
     if num_segments == 0:
         return out
     off = _segment_offsets(seq_index, num_segments)
-    _launch(k.segment_sum_kernel, (num_segments,), (values.contiguous(), off, out), dict(BLOCK=1024), wrap=False)
+    _launch(values.contiguous(), off, out, kernel=k.segment_sum_kernel, grid=(num_segments,), meta=dict(BLOCK=1024),
+            wrap=False)
     return out

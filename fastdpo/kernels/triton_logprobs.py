@@ -529,10 +529,11 @@ def _finish(x_row, r_row, row, label, V, state, rstate, kz, inv_cap, logp_ptr, l
     MC, S, Tt, S2, ZS, B, BI = state
     MR, SR, AR = rstate
     nan = float("nan")
-    bad = S != S  # a NaN anywhere in the row
+    safe = tl.minimum(tl.maximum(label, 0), V - 1)  # read in bounds; a label outside [0, V) gives NaN
+    bad_label = safe != label
+    bad = (S != S) | bad_label  # a NaN anywhere in the row, or a bad label
     log_s = tl.log(S)
     lse = tl.where(bad, nan, MC * LN2 + log_s)
-    safe = tl.minimum(tl.maximum(label, 0), V - 1)  # the Python layer rejects out-of-range labels
     z_y = _u(tl.load(x_row + safe).to(tl.float32), inv_cap, CAP, FAST, False) * kz
     tl.store(lse_ptr + row, lse)
     tl.store(logp_ptr + row, z_y - lse)
@@ -550,10 +551,13 @@ def _finish(x_row, r_row, row, label, V, state, rstate, kz, inv_cap, logp_ptr, l
     if HAS_REF != 0:
         rlse = MR * LN2 + tl.log(SR)
         rz_y = _u(tl.load(r_row + safe).to(tl.float32), inv_cap, CAP, FAST, False) * kz
-        tl.store(ref_ptr + row, rz_y - rlse)
         if KL != 0:
+            rlse = tl.where(bad, nan, rlse)
             tl.store(rlse_ptr + row, rlse)
-            tl.store(kl_ptr + row, LN2 * AR / SR - tl.log(SR) + log_s)
+            tl.store(kl_ptr + row, tl.where(bad, nan, LN2 * AR / SR - tl.log(SR) + log_s))
+        else:
+            rlse = tl.where(bad_label, nan, rlse)
+        tl.store(ref_ptr + row, rz_y - rlse)
 
 
 # ----------------------------------------------------------------------------- forward

@@ -12,6 +12,7 @@ import torch
 
 from fastdpo import _validation
 from fastdpo.losses.compute import DPOOutput, loss_from_tokens, run
+from fastdpo.losses.diagnostics import check_flag
 from fastdpo.losses.plan import check_batch, groups, make_plan
 from fastdpo.losses.sequences import PaddedLayout
 from fastdpo.ops import linear
@@ -34,6 +35,9 @@ _LOSS_DOC = """
         token_weights: per-token weights shaped like ``labels`` inside every sequence sum.
         pair_weights: per-pair weights multiplying the per-pair loss (Sem-DPO style).
         desirable: bool ``[N]`` for unpaired losses (kto, bco); default ``[True]*N/2 + [False]*N/2``.
+        diagnostics: also compute the training-dynamics diagnostics (likelihood displacement, loss
+            reweighting, chosen / rejected logits-gradient norms, margins) from the same pass, in
+            ``metrics`` under ``diagnostics/...`` and as ``DPOOutput.diagnostics`` (docs/diagnostics.md).
         **variant_options: options of the chosen loss type(s) (see their docstrings).
 """
 
@@ -59,6 +63,7 @@ def dpo_loss(
     pair_weights: torch.Tensor | None = None,
     desirable: torch.Tensor | None = None,
     process_group=None,
+    diagnostics: bool = False,
     **variant_options,
 ) -> DPOOutput:
     """DPO-family loss from policy logits in one fused pass over the vocabulary.
@@ -97,7 +102,7 @@ def dpo_loss(
                 f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
                 ld_alpha=ld_alpha, use_weighting=use_weighting, discopop_tau=discopop_tau,
                 ignore_index=ignore_index, token_weights=token_weights, pair_weights=pair_weights,
-                desirable=desirable, variant_options=variant_options)
+                desirable=desirable, variant_options=variant_options, diagnostics=diagnostics)
 
 
 def linear_dpo_loss(
@@ -129,6 +134,7 @@ def linear_dpo_loss(
     logit_scale: float = 1.0,
     strategy: str = "auto",
     memory_budget: int | None = None,
+    diagnostics: bool = False,
     **variant_options,
 ) -> DPOOutput:
     """DPO-family loss from the LM head's inputs, ``logits = logit_scale * (hidden @ weight.T + bias)``,
@@ -151,6 +157,8 @@ def linear_dpo_loss(
             needed, else recompute).
         memory_budget: bytes of logits held at once (default: ``$FASTDPO_LINEAR_BUDGET_MB``,
             else 1 GiB on GPUs, 2^24 logits on CPU: 64 MiB fp32, 32 MiB bf16).
+        diagnostics: as for :func:`dpo_loss`; the gradient norms are those w.r.t. the logits
+            ``logit_scale * (hidden @ weight.T + bias)`` the tiles hold, not w.r.t. ``hidden``.
 
     Gradients flow to ``hidden``, ``weight`` and ``bias``, accumulated in fp32.
     """
@@ -162,6 +170,7 @@ def linear_dpo_loss(
     plan = make_plan(loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
                      ld_alpha, use_weighting, discopop_tau, variant_options)
     _validation.check_int(ignore_index, "ignore_index")
+    check_flag(diagnostics)
     h, y, rh, rw, rb, idx, o = linear.prepare(
         hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
         ignore_index=ignore_index, temperature=temperature, softcap=softcap, logit_scale=logit_scale,
@@ -169,21 +178,22 @@ def linear_dpo_loss(
     n, T = labels.shape
     check_batch(plan, n, desirable, ref_logps, ref_hidden is not None, pair_weights, token_weights, labels)
 
-    def finish(tok: FusedLogprobs) -> DPOOutput:
+    def finish(tok: FusedLogprobs, diagnose: bool = False) -> DPOOutput:
         return loss_from_tokens(tok, PaddedLayout(labels, ignore_index), ref_logps=ref_logps, plan=plan,
                                 ld_alpha=ld_alpha, use_weighting=use_weighting, token_weights=token_weights,
-                                pair_weights=pair_weights, desirable=desirable)
+                                pair_weights=pair_weights, desirable=desirable, diagnostics=diagnose,
+                                temperature=o.temperature)
 
     need = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     chunks = None
     if strategy != "recompute" and any(need):
-        budget = o.rows * weight.shape[0] * hidden.element_size()
+        elem = o.dtype.itemsize  # of the logits tiles (autocast's dtype under autocast)
+        budget = o.rows * weight.shape[0] * elem
         not_separable = [sp.name for sp, _, _ in plan.terms if not sp.separable]
         with_kl = plan.kl_losses
         if not not_separable and not with_kl:
-            counts = (labels != ignore_index).sum(1).tolist()
-            chunks = linear.group_chunks(counts, groups(plan, n), weight.shape[0], hidden.element_size(),
-                                         budget)
+            counts = list(o.counts)  # read once on the host by linear.prepare
+            chunks = linear.group_chunks(counts, groups(plan, n), weight.shape[0], elem, budget)
         if chunks is None and strategy == "grad_in_forward":
             why = (f"loss_type {not_separable} is not separable over pairs" if not_separable else
                    f"loss_type {with_kl} needs the token-level KL, whose gradient the recompute strategy forms"
@@ -194,11 +204,11 @@ def linear_dpo_loss(
         logp, ref, st, kl = linear._LinearLogprobsFunction.apply(h, weight, bias, y, idx, rh, rw, rb, True, o,
                                                                  plan.token_kl)
         return finish(FusedLogprobs(logp.view(n, T), ref.view(n, T) if rh is not None else None, st.view(n, T, -1),
-                                    kl.view(n, T) if plan.token_kl else None))
+                                    kl.view(n, T) if plan.token_kl else None), diagnostics)
     res = linear.linear_grad_in_forward(h, weight, bias, y, rh, rw, rb, o, T, chunks, lambda tok: finish(tok).loss,
                                         *need)
     with torch.no_grad():
-        out = finish(res.tokens)
+        out = finish(res.tokens, diagnostics)
     out.loss = linear.AttachGrads.apply(out.loss, (res.grad_hidden, res.grad_weight, res.grad_bias), h, weight, bias)
     return out
 

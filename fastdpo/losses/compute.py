@@ -13,9 +13,10 @@ import dataclasses
 import torch
 
 from fastdpo import _validation
+from fastdpo.losses import diagnostics as _diagnostics
 from fastdpo.losses import metrics as _metrics
 from fastdpo.losses.plan import LossPlan, check_batch, make_plan
-from fastdpo.losses.registry import f_divergence_scores
+from fastdpo.losses.registry import SequenceStats, f_divergence_scores
 from fastdpo.losses.sequences import PaddedLayout, sequence_stats, wpo_weights
 from fastdpo.ops.logprobs import FusedLogprobs
 
@@ -29,7 +30,9 @@ class DPOOutput:
     ``rejected_rewards``: detached implicit rewards (``beta * log-ratio`` for
     reference-based losses). ``metrics``: detached 0-d tensors under TRL's keys.
     ``policy_logps`` / ``ref_logps``: all ``N`` sequence log-probs (``ref_logps`` None
-    when reference-free).
+    when reference-free). ``diagnostics``: with ``diagnostics=True``, the batch's raw
+    training-dynamics values (:class:`fastdpo.losses.diagnostics.Diagnostics`), whose summary is
+    also in ``metrics`` under ``diagnostics/...``; else None.
     """
 
     loss: torch.Tensor
@@ -40,14 +43,42 @@ class DPOOutput:
     metrics: dict
     policy_logps: torch.Tensor
     ref_logps: torch.Tensor | None
+    diagnostics: _diagnostics.Diagnostics | None = None
 
 
 def loss_from_tokens(tok: FusedLogprobs, layout, *, ref_logps, plan: LossPlan, ld_alpha, use_weighting,
-                     token_weights, pair_weights, desirable) -> DPOOutput:
+                     token_weights, pair_weights, desirable, diagnostics: bool = False,
+                     temperature: float = 1.0) -> DPOOutput:
+    """The loss, rewards and metrics of a batch from its per-token kernel outputs ``tok`` laid out by ``layout``.
+
+    ``diagnostics=True`` adds the training-dynamics diagnostics (``temperature``: the one the kernel
+    divided the logits by, for the logits-gradient norms); the loss is still evaluated once."""
+    _diagnostics.check_flag(diagnostics)
+    kw = dict(ref_logps=ref_logps, plan=plan, ld_alpha=ld_alpha, use_weighting=use_weighting,
+              token_weights=token_weights, pair_weights=pair_weights, desirable=desirable)
+    if not diagnostics:
+        return _evaluate(tok, layout, **kw)[0]
+    probe = _diagnostics.Probe(tok)
+    with probe.context():
+        out, s = _evaluate(probe.tok, layout, **kw)
+        out.diagnostics = _diagnostics.compute(probe.tok, s, layout, out.loss, out.chosen_rewards,
+                                               out.rejected_rewards, temperature=temperature,
+                                               retain_graph=not probe.detach_outputs)
+    out.metrics.update(out.diagnostics.summary())
+    if probe.detach_outputs:  # evaluated with a graph only for the diagnostics: hand back what no-grad mode gives
+        for f in ("loss", "chosen_logps", "rejected_logps", "policy_logps"):
+            setattr(out, f, getattr(out, f).detach())
+    return out
+
+
+def _evaluate(tok: FusedLogprobs, layout, *, ref_logps, plan: LossPlan, ld_alpha, use_weighting,
+              token_weights, pair_weights, desirable) -> tuple[DPOOutput, SequenceStats]:
     n = layout.num_seqs
     K = 1 if (plan.unpaired and desirable is not None) else plan.num_blocks
+    n_desirable = None
     if plan.unpaired and desirable is None:
         desirable = torch.arange(n, device=layout.mask.device) < n // 2
+        n_desirable = n // 2
     if ld_alpha is not None and K == 1:
         raise ValueError("fastdpo: ld_alpha needs paired responses ([chosen; rejected] layout), not desirable=")
     if plan.token_kl and tok.kl is None:
@@ -70,6 +101,7 @@ def loss_from_tokens(tok: FusedLogprobs, layout, *, ref_logps, plan: LossPlan, l
         loss = loss + per.mean() * weight
 
     sp0, cfg0, _ = plan.terms[0]
+    split = _by_desirability(desirable, n_desirable) if desirable is not None else None
     with torch.no_grad():
         if sp0.rewards is not None:
             cr, rr = sp0.rewards(s, cfg0)
@@ -77,7 +109,7 @@ def loss_from_tokens(tok: FusedLogprobs, layout, *, ref_logps, plan: LossPlan, l
             r = cfg0.beta * (s.logratios.view(K, -1) if K > 1 else s.logratios)
             if desirable is not None:
                 r = r.reshape(-1)
-                cr, rr = r[desirable], r[~desirable]
+                cr, rr = r[split[0]], r[split[1]]
             else:
                 cr, rr = r[0], r[1]
         cr, rr = cr.detach(), rr.detach()
@@ -86,24 +118,34 @@ def loss_from_tokens(tok: FusedLogprobs, layout, *, ref_logps, plan: LossPlan, l
         metrics["nll_loss"] = s.metrics.pop("nll_loss").detach()
     metrics.update({k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in s.metrics.items()})
     if desirable is not None:
-        chosen, rejected = s.logps[desirable], s.logps[~desirable]
+        chosen, rejected = s.logps[split[0]], s.logps[split[1]]
     else:
         chosen, rejected = s.chosen_logps, s.rejected_logps
     if not isinstance(loss, torch.Tensor):  # pragma: no cover - every objective returns a tensor
         loss = torch.tensor(loss, device=layout.mask.device)
-    return DPOOutput(loss, chosen, rejected, cr, rr, metrics, s.logps, s.ref_logps)
+    return DPOOutput(loss, chosen, rejected, cr, rr, metrics, s.logps, s.ref_logps), s
+
+
+def _by_desirability(desirable: torch.Tensor, n_desirable: int | None):
+    """Indices of the desirable and of the undesirable sequences, each in order. Their number (the
+    outputs' sizes) is read from the device once when not known: one host sync, instead of one
+    per boolean selection."""
+    k = int(desirable.sum()) if n_desirable is None else n_desirable
+    order = torch.argsort((~desirable).to(torch.uint8), stable=True)
+    return order[:k], order[k:]
 
 
 def run(tok_fn, labels, n, have_ref_tokens, *, ref_logps, loss_type, beta, label_smoothing, loss_weights,
         f_divergence_type, f_alpha_divergence_coef, ld_alpha, use_weighting, discopop_tau, ignore_index,
-        token_weights, pair_weights, desirable, variant_options) -> DPOOutput:
+        token_weights, pair_weights, desirable, variant_options, diagnostics=False) -> DPOOutput:
     """Plan the options, check the batch, get the per-token outputs from ``tok_fn(kl: bool)`` and
     evaluate the loss on the padded ``[N, T]`` layout of ``labels``."""
     plan = make_plan(loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
                      ld_alpha, use_weighting, discopop_tau, variant_options)
     _validation.check_int(ignore_index, "ignore_index")
+    _diagnostics.check_flag(diagnostics)
     check_batch(plan, n, desirable, ref_logps, have_ref_tokens, pair_weights, token_weights, labels)
     tok = tok_fn(plan.token_kl)
     return loss_from_tokens(tok, PaddedLayout(labels, ignore_index), ref_logps=ref_logps, plan=plan,
                             ld_alpha=ld_alpha, use_weighting=use_weighting, token_weights=token_weights,
-                            pair_weights=pair_weights, desirable=desirable)
+                            pair_weights=pair_weights, desirable=desirable, diagnostics=diagnostics)

@@ -9,6 +9,8 @@ Notation: :math:`\rho_w, \rho_l` are the chosen / rejected log-ratios
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -70,9 +72,9 @@ def exo_pair(s, cfg):
     :math:`\mathrm{KL}(\mathrm{softmax}(\beta s)\,\|\,[1-\varepsilon, \varepsilon])`
     :math:`= \sigma(z)(\log\sigma(z) - \log(1-\varepsilon)) + \sigma(-z)(\log\sigma(-z) - \log\varepsilon)`, :math:`z = \beta\Delta`."""
     z = cfg.beta * _delta(s)
-    eps = torch.as_tensor(cfg.label_smoothing, dtype=z.dtype, device=z.device)
-    return torch.sigmoid(z) * (F.logsigmoid(z) - torch.log1p(-eps)) + torch.sigmoid(-z) * (
-        F.logsigmoid(-z) - torch.log(eps)
+    eps = float(cfg.label_smoothing)  # a Python number: no host-to-device copy
+    return torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (
+        F.logsigmoid(-z) - math.log(eps)
     )
 
 

@@ -11,6 +11,12 @@ def masked_mean(x, m):
     return (x * m).sum() / m.sum().clamp(min=1)
 
 
+def _mean_where(x, m):
+    """``x[m].mean()`` for a bool mask ``m`` (NaN when it selects nothing) without the selection's host sync."""
+    m = m.to(x.dtype)
+    return (x * m).sum() / m.sum()
+
+
 def block_masks(layout, desirable, num_blocks, dtype=torch.float32):
     """Per-token masks (``dtype``) of the counted tokens of chosen (block 0 / desirable) and rejected
     (block 1 / undesirable) sequences, and of all counted tokens."""
@@ -29,9 +35,9 @@ def trl_metrics(s: SequenceStats, stats, layout, cr, rr, desirable, num_blocks) 
     cm, rm, m = block_masks(layout, desirable, num_blocks, stats.dtype)
     st = stats.reshape(*m.shape, -1)
     if desirable is not None:
-        lc, lr = s.logps[desirable], s.logps[~desirable]
+        lc, lr = _mean_where(s.logps, desirable), _mean_where(s.logps, ~desirable)
     else:
-        lc, lr = s.chosen_logps, s.rejected_logps
+        lc, lr = s.chosen_logps.mean(), s.rejected_logps.mean()
     out = {
         "rewards/chosen": cr.mean(),
         "rewards/rejected": rr.mean(),
@@ -40,14 +46,15 @@ def trl_metrics(s: SequenceStats, stats, layout, cr, rr, desirable, num_blocks) 
         out["rewards/accuracies"] = (cr > rr).float().mean()
         out["rewards/margins"] = (cr - rr).mean()
     out.update({
-        "logps/chosen": lc.detach().mean(),
-        "logps/rejected": lr.detach().mean(),
+        "logps/chosen": lc.detach(),
+        "logps/rejected": lr.detach(),
         "logits/chosen": masked_mean(st[..., 2], cm),
         "logits/rejected": masked_mean(st[..., 2], rm),
         "entropy": masked_mean(st[..., 0], m),
         "mean_token_accuracy": masked_mean(st[..., 1], cm),
     })
     if s.kl is not None:  # objectives with the token-level KL: mean per-sequence KL sums
-        kc, kr = (s.kl[desirable], s.kl[~desirable]) if desirable is not None else (s.chosen_kl, s.rejected_kl)
-        out["kl/chosen"], out["kl/rejected"] = kc.detach().mean(), kr.detach().mean()
+        kc, kr = ((_mean_where(s.kl, desirable), _mean_where(s.kl, ~desirable)) if desirable is not None
+                  else (s.chosen_kl.mean(), s.rejected_kl.mean()))
+        out["kl/chosen"], out["kl/rejected"] = kc.detach(), kr.detach()
     return out

@@ -15,7 +15,8 @@ from fastdpo.losses.registry import register_loss
 def _kl_estimate(s, cfg):
     """The KTO reference point z0: ``kl`` given, or ``mean(kl_logps - ref_kl_logps)`` clamped at 0 (no gradient)."""
     if cfg.kl is not None:
-        kl = torch.as_tensor(cfg.kl, dtype=s.logps.dtype, device=s.logps.device)
+        kl = (cfg.kl.to(s.logps) if isinstance(cfg.kl, torch.Tensor)  # a number is filled in, not copied to the device
+              else torch.full((), float(cfg.kl), dtype=s.logps.dtype, device=s.logps.device))
     elif cfg.kl_logps is not None:
         if cfg.ref_kl_logps is None or cfg.ref_kl_logps.shape != cfg.kl_logps.shape:
             raise ValueError("fastdpo: kto kl_logps needs ref_kl_logps of the same shape (log-probs of the mismatched pairs)")

@@ -27,6 +27,7 @@ With ``logit_scale`` s, temperature T and soft cap c the logits are
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable, NamedTuple
 
@@ -38,8 +39,6 @@ from fastdpo.ops.logprobs import FusedLogprobs, _resolve
 from fastdpo.ops.schema import NUM_STATS
 
 STRATEGIES = ("auto", "recompute", "grad_in_forward")
-# Vocabulary columns per weight-gradient GEMM on the CPU reduced-precision path.
-_NT_BLOCK = 4096
 
 
 def default_memory_budget(device: torch.device, dtype: torch.dtype = torch.float32) -> int:
@@ -58,6 +57,37 @@ class TileOptions(NamedTuple):
     scale: float
     backend: str
     rows: int  # token rows per tile
+    counts: tuple[int, ...] = ()  # tokens that count per sequence (row of labels), read once on the host
+    dtype: torch.dtype | None = None  # the GEMMs' dtype (autocast's, or None: the inputs')
+
+
+def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the LM-head GEMMs run in for inputs of ``dtype``: under ``torch.autocast`` for
+    ``device`` its dtype (as ``F.linear``; float64 stays), else ``dtype``."""
+    if dtype != torch.float64 and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
+
+
+def cast(dtype: torch.dtype, *tensors):
+    """The tensors in ``dtype`` (None stays None; no copy when already there)."""
+    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
+
+
+def no_autocast(device: torch.device):
+    """Autocast off inside the tile loops: their operands are already in the compute dtype."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def counted_index(y: torch.Tensor, ignore_index: int, total: int) -> torch.Tensor:
+    """Flat indices of the ``total`` tokens of ``y [M]`` whose label is not ``ignore_index``, in order,
+    without a host synchronisation (the size is known; ``nonzero`` would read it from the device)."""
+    keep = y != ignore_index
+    if y.device.type == "cpu" or torch._C._dispatch_has_kernel_for_dispatch_key("aten::nonzero_static", "CUDA"):
+        return torch.nonzero_static(keep, size=total).squeeze(1)
+    return torch.nonzero(keep).squeeze(1)  # pragma: no cover - a torch without nonzero_static on CUDA
 
 
 def project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
@@ -75,18 +105,48 @@ def fold(kern, x: torch.Tensor, y: torch.Tensor, o: TileOptions, stats: bool):
     return logp[0], lse[0], (st[0] if stats else None)
 
 
+def _fp32_out_gemm(device: torch.device) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` (bf16/fp16 operands, fp32 products and
+    output) runs here: CUDA with torch >= 2.8."""
+    return device.type == "cuda" and hasattr(torch.ops.aten.mm, "dtype") and \
+        torch._C._dispatch_has_kernel_for_dispatch_key("aten::mm.dtype", "CUDA")
+
+
+def add_weight_grad(acc: torch.Tensor, x: torch.Tensor, h: torch.Tensor, alpha: float, budget: int) -> None:
+    """``acc [V, H] += alpha * x.T @ h`` for a gradient tile ``x [r, V]`` and its hidden rows ``h [r, H]``,
+    with the products and sums in ``acc``'s dtype (fp32) even for bf16/fp16 tiles, and no temporary
+    over ``budget`` bytes: a tile's partial gradient is never rounded to the tile's dtype. On CUDA the
+    GEMMs write fp32 over vocabulary blocks; elsewhere a block's operands are upcast first."""
+    if x.dtype == acc.dtype:
+        acc.addmm_(x.t(), h, alpha=alpha)
+        return
+    r, V = x.shape
+    H = h.shape[1]
+    width = acc.element_size()
+    if _fp32_out_gemm(x.device):
+        vb = max(1, budget // (width * H))  # rows of the [vb, H] fp32 product
+        for v in range(0, V, vb):
+            acc[v : v + vb].add_(torch.mm(x[:, v : v + vb].t(), h, out_dtype=acc.dtype), alpha=alpha)
+        return
+    rb = max(1, budget // (width * H))  # hidden rows upcast at a time
+    for i in range(0, r, rb):
+        hf = h[i : i + rb].to(acc.dtype)
+        vb = max(1, budget // (width * hf.shape[0]))  # vocabulary columns of the upcast gradient block
+        for v in range(0, V, vb):
+            acc[v : v + vb].addmm_(x[i : i + rb, v : v + vb].to(acc.dtype).t(), hf, alpha=alpha)
+
+
 class GradAccumulator:
-    """fp32 accumulators for the weight and bias gradients plus the hidden gradient rows."""
+    """fp32 accumulators for the weight and bias gradients plus the hidden gradient rows, in the
+    dtypes of the tensors given here (the parameters'); the tiles and GEMMs may run in a lower
+    compute dtype (autocast)."""
 
     def __init__(self, hidden, weight, bias, need_h, need_w, need_b):
         acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
         self.h = torch.zeros_like(hidden) if need_h else None
         self.w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         self.b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if (need_b and bias is not None) else None
-        # CPU reduced-precision GEMMs are fast only in the "A @ B.T" layout (10-25x
-        # slower otherwise on oneDNN/MKL), so the backward GEMMs are arranged that way.
-        self.nt = weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
-        self.wt = None  # weight.T made contiguous once, on first use
+        self.wt = None  # the compute-dtype weight's transpose made contiguous once, on first use (CPU)
 
     def add_tile(self, kern, x, g, y, lse, h_rows, idx, weight, o: TileOptions, extra=None, kl=None):
         """Turn the logits tile ``x`` into the gradient of ``sum g * logp`` (plus ``sum gk * KL`` with
@@ -98,20 +158,17 @@ class GradAccumulator:
         if extra is not None:
             x.add_(extra.to(x.dtype))
         if self.h is not None:
-            if self.nt and self.wt is None:
+            # CPU reduced-precision GEMMs are fast only in the "A @ B.T" layout (docs/architecture.md),
+            # so that one is given the weight's transpose, copied once per backward.
+            nt = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+            if nt and self.wt is None:
                 self.wt = weight.t().contiguous()
-            gh = torch.mm(x, self.wt.t()) if self.nt else torch.mm(x, weight)
-            self.h.index_copy_(0, idx, gh.mul_(o.scale) if o.scale != 1.0 else gh)
+            gh = torch.mm(x, self.wt.t()) if nt else torch.mm(x, weight)
+            if o.scale != 1.0:
+                gh.mul_(o.scale)
+            self.h.index_copy_(0, idx, gh.to(self.h.dtype))
         if self.w is not None:
-            if self.w.dtype == x.dtype:
-                self.w.addmm_(x.t(), h_rows, alpha=o.scale)
-            elif self.nt:  # bf16/fp16 GEMM in vocabulary blocks (small transposed copies), fp32 accumulation
-                ht = h_rows.t().contiguous()
-                for v in range(0, x.shape[1], _NT_BLOCK):
-                    self.w[v : v + _NT_BLOCK].add_(torch.mm(x[:, v : v + _NT_BLOCK].t().contiguous(), ht.t()),
-                                                   alpha=o.scale)
-            else:
-                self.w.add_(torch.mm(x.t(), h_rows), alpha=o.scale)
+            add_weight_grad(self.w, x, h_rows, o.scale, max(o.rows, x.shape[0]) * x.shape[1] * x.element_size())
         if self.b is not None:
             self.b.add_(x.sum(0, dtype=self.b.dtype), alpha=o.scale)
 
@@ -180,18 +237,22 @@ class _LinearLogprobsFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, idx, ref_hidden, ref_weight, ref_bias, stats, o: TileOptions,
                 kl=False):
         kern = _backends.kernel_module(Backend(o.backend))
+        cd = o.dtype or hidden.dtype
         M = hidden.shape[0]
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        acc = torch.float64 if cd == torch.float64 else torch.float32
         logp = torch.zeros(M, dtype=acc, device=hidden.device)
         lse = torch.zeros_like(logp)
         st = torch.zeros(M, NUM_STATS, dtype=acc, device=hidden.device) if stats else logp.new_empty(0)
         ref = torch.zeros_like(logp) if ref_hidden is not None else logp.new_empty(0)
         kl_out = torch.zeros_like(logp) if kl else logp.new_empty(0)
         ref_lse = torch.zeros_like(logp) if kl else logp.new_empty(0)
-        if ref_hidden is not None and not kl:
-            fold_rows(kern, ref_hidden, ref_weight, ref_bias, labels, idx, o, False, ref)
-        fold_rows(kern, hidden, weight, bias, labels, idx, o, stats, logp, lse, st,
-                  kl=(ref_hidden, ref_weight, ref_bias, ref, kl_out, ref_lse) if kl else None)
+        with no_autocast(hidden.device):
+            h, w, b, rh, rw, rb = cast(cd, hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+            if rh is not None and not kl:
+                fold_rows(kern, rh, rw, rb, labels, idx, o, False, ref)
+            fold_rows(kern, h, w, b, labels, idx, o, stats, logp, lse, st,
+                      kl=(rh, rw, rb, ref, kl_out, ref_lse) if kl else None)
+        # The inputs as given (the casts are made again in backward rather than kept).
         ctx.save_for_backward(hidden, weight, bias, labels, idx, lse,
                               *((ref_hidden, ref_weight, ref_bias, ref_lse) if kl else ()))
         ctx.o = o
@@ -204,33 +265,40 @@ class _LinearLogprobsFunction(torch.autograd.Function):
         o = ctx.o
         kern = _backends.kernel_module(Backend(o.backend))
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grads = GradAccumulator(hidden, weight, bias, need_h, need_w, need_b)
+        grads = GradAccumulator(hidden, weight, bias, need_h, need_w, need_b)  # in the inputs' dtypes
         n = idx.numel()
-        if n and o.backend == "cpu" and not ref:  # the same loop in C++
-            torch.ops.fastdpo.linear_bwd_(grad_logp.contiguous(), hidden, weight, bias, labels, idx, lse,
-                                          o.ignore_index, o.temperature, o.softcap, o.scale, o.rows, grads.h, grads.w,
-                                          grads.b)
-        elif n:
-            # With the KL term the reference tile is projected again beside the policy's.
-            buf = tile_buffers(hidden, 2 if ref else 1, min(o.rows, n), weight.shape[0])
-            g = grad_logp.contiguous()
-            gk = grad_kl.contiguous() if ref else None
-            for i, j in tiles(n, o.rows):
-                sel = idx[i:j]
-                h_rows = hidden.index_select(0, sel)
-                x = project(h_rows, weight, bias, o.scale, buf[0, : j - i])
-                kl = None
+        with no_autocast(hidden.device):
+            h, w, b = cast(o.dtype or hidden.dtype, hidden, weight, bias)
+            if n and o.backend == "cpu" and not ref:  # the same loop in C++
+                torch.ops.fastdpo.linear_bwd_(grad_logp.contiguous(), h, w, b, labels, idx, lse, o.ignore_index,
+                                              o.temperature, o.softcap, o.scale, o.rows, grads.h, grads.w, grads.b)
+            elif n:
+                # With the KL term the reference tile is projected again beside the policy's.
+                buf = tile_buffers(h, 2 if ref else 1, min(o.rows, n), w.shape[0])
+                g = grad_logp.contiguous()
+                gk = grad_kl.contiguous() if ref else None
                 if ref:
                     rh, rw, rb, ref_lse = ref
-                    r = project(rh.index_select(0, sel), rw, rb, o.scale, buf[1, : j - i])
-                    kl = (gk.index_select(0, sel), r, ref_lse.index_select(0, sel))
-                grads.add_tile(kern, x, g.index_select(0, sel), labels.index_select(0, sel), lse.index_select(0, sel),
-                               h_rows, sel, weight, o, kl=kl)
+                    rh, rw, rb = cast(h.dtype, rh, rw, rb)
+                for i, j in tiles(n, o.rows):
+                    sel = idx[i:j]
+                    h_rows = h.index_select(0, sel)
+                    x = project(h_rows, w, b, o.scale, buf[0, : j - i])
+                    kl = None
+                    if ref:
+                        r = project(rh.index_select(0, sel), rw, rb, o.scale, buf[1, : j - i])
+                        kl = (gk.index_select(0, sel), r, ref_lse.index_select(0, sel))
+                    grads.add_tile(kern, x, g.index_select(0, sel), labels.index_select(0, sel),
+                                   lse.index_select(0, sel), h_rows, sel, w, o, kl=kl)
         gh, gw, gb = grads.result(weight, bias)
         return gh, gw, gb, None, None, None, None, None, None, None, None
 
 
-def _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias):
+def _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, autocast=False):
+    # Under autocast every float input is cast to the autocast dtype (as F.linear), so dtypes may differ.
+    def differ(a, b):
+        return not autocast and a != b
+
     _validation.check_float_tensor(hidden, "hidden")
     _validation.check_float_tensor(weight, "weight")
     if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -240,7 +308,7 @@ def _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias
         )
     if weight.shape[0] == 0:
         raise ValueError("fastdpo: weight has an empty vocabulary dimension")
-    if weight.dtype != hidden.dtype:
+    if differ(weight.dtype, hidden.dtype):
         raise TypeError(f"fastdpo: hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
     if weight.device != hidden.device:
         raise ValueError(f"fastdpo: weight is on {weight.device} but hidden is on {hidden.device}")
@@ -254,20 +322,21 @@ def _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias
         raise ValueError(f"fastdpo: labels are on {labels.device} but hidden is on {hidden.device}")
     if bias is not None:
         _validation.check_float_tensor(bias, "bias")
-        if tuple(bias.shape) != (weight.shape[0],) or bias.dtype != weight.dtype:
+        if tuple(bias.shape) != (weight.shape[0],) or differ(bias.dtype, weight.dtype):
             raise ValueError(f"fastdpo: bias must be a ({weight.shape[0]},) {weight.dtype} tensor, "
                              f"got {tuple(bias.shape)} {bias.dtype}")
     if ref_hidden is not None:
         _validation.check_float_tensor(ref_hidden, "ref_hidden")
         _validation.check_same_shape(hidden, ref_hidden, "hidden", "ref_hidden")
-        if ref_hidden.dtype != hidden.dtype:
+        if differ(ref_hidden.dtype, hidden.dtype):
             raise TypeError(f"fastdpo: ref_hidden must have the dtype of hidden ({hidden.dtype}), got {ref_hidden.dtype}")
         if ref_weight is not None:
             _validation.check_float_tensor(ref_weight, "ref_weight")
-            if tuple(ref_weight.shape) != tuple(weight.shape) or ref_weight.dtype != weight.dtype:
+            if tuple(ref_weight.shape) != tuple(weight.shape) or differ(ref_weight.dtype, weight.dtype):
                 raise ValueError(f"fastdpo: ref_weight must be a {tuple(weight.shape)} {weight.dtype} tensor, "
                                  f"got {tuple(ref_weight.shape)} {ref_weight.dtype}")
-            if ref_bias is not None and (tuple(ref_bias.shape) != (weight.shape[0],) or ref_bias.dtype != weight.dtype):
+            if ref_bias is not None and (tuple(ref_bias.shape) != (weight.shape[0],) or
+                                         differ(ref_bias.dtype, weight.dtype)):
                 raise ValueError(f"fastdpo: ref_bias must be a ({weight.shape[0]},) {weight.dtype} tensor, "
                                  f"got {tuple(ref_bias.shape)} {ref_bias.dtype}")
     elif ref_weight is not None or ref_bias is not None:
@@ -280,22 +349,25 @@ def prepare(hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=No
     """Validate the inputs of the fused-linear path and fix its options.
 
     Returns ``(h [M, H], y [M], rh, ref_weight, ref_bias, idx, opts)``: flattened tokens, the
-    indices of the tokens that count (one device sync) and the tile options. With ``kl`` a tile
+    indices of the tokens that count and the tile options, whose ``counts`` (tokens that count per
+    row of ``labels``) are the one host synchronisation of the fused-linear path. With ``kl`` a tile
     holds policy and reference logits side by side, so it has half the rows.
     """
     if kl and ref_hidden is None:
         raise ValueError("fastdpo: the token-level KL to the reference (kl=True) needs ref_hidden")
-    _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias)
+    autocast = isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type)
+    _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, autocast)
+    cd = compute_dtype(hidden.device, hidden.dtype)
     ignore_index = _validation.check_int(ignore_index, "ignore_index")
     temperature = _validation.check_positive(temperature, "temperature")
     softcap = _validation.check_positive(softcap, "softcap", allow_none=True) or 0.0
     logit_scale = _validation.check_positive(logit_scale, "logit_scale")
     V, H = weight.shape
     if memory_budget is None:
-        memory_budget = default_memory_budget(hidden.device, hidden.dtype)
+        memory_budget = default_memory_budget(hidden.device, cd)
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget <= 0:
         raise ValueError(f"fastdpo: memory_budget must be a positive number of bytes, got {memory_budget!r}")
-    rows = max(1, memory_budget // ((2 if kl else 1) * V * hidden.element_size()))
+    rows = max(1, memory_budget // ((2 if kl else 1) * V * cd.itemsize))
     backend = _resolve(str(backend), hidden.device.type)
     y = labels.reshape(-1).long()
     _validation.check_label_range(y, V, ignore_index)
@@ -306,8 +378,11 @@ def prepare(hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=No
             ref_weight, ref_bias = weight, bias
         ref_weight = ref_weight.detach()
         ref_bias = ref_bias.detach() if ref_bias is not None else None
-    idx = torch.nonzero(y != ignore_index).squeeze(1)
-    return h, y, ref_hidden, ref_weight, ref_bias, idx, TileOptions(ignore_index, temperature, softcap, logit_scale, backend, rows)
+    rows_of_labels = labels.reshape(labels.shape[:-1].numel(), labels.shape[-1]) if labels.dim() else labels.view(1, 1)
+    counts = tuple((rows_of_labels != ignore_index).sum(1).tolist())
+    idx = counted_index(y, ignore_index, sum(counts))
+    return h, y, ref_hidden, ref_weight, ref_bias, idx, TileOptions(ignore_index, temperature, softcap, logit_scale,
+                                                                    backend, rows, counts, cd)
 
 
 def linear_token_logprobs(
@@ -402,18 +477,22 @@ def linear_grad_in_forward(h, weight, bias, y, rh, rw, rb, o: TileOptions, seq_l
     kern = _backends.kernel_module(Backend(o.backend))
     M = h.shape[0]
     N = M // seq_len
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    cd = o.dtype or h.dtype
+    acc = torch.float64 if cd == torch.float64 else torch.float32
     logp = torch.zeros(M, dtype=acc, device=h.device)
     st = torch.zeros(M, NUM_STATS, dtype=acc, device=h.device)
     ref = torch.zeros_like(logp) if rh is not None else None
-    grads = GradAccumulator(h, weight, bias, need_h, need_w, need_b)
-    mask = (y != o.ignore_index).view(N, seq_len)
-    # Token indices of every chunk with one device sync: sequences in chunk order, then split.
-    order = torch.tensor([s for c in chunks for s in c], device=h.device, dtype=torch.long)
-    tok = (order.unsqueeze(1) * seq_len + torch.arange(seq_len, device=h.device)).reshape(-1)
-    tok = tok[mask.index_select(0, order).reshape(-1)]
-    sizes = mask.sum(1).tolist()
-    chunk_tok = torch.split(tok, [sum(sizes[s] for s in c) for c in chunks])
+    grads = GradAccumulator(h, weight, bias, need_h, need_w, need_b)  # in the inputs' dtypes
+    w_in, b_in = weight, bias
+    with no_autocast(h.device):
+        h, weight, bias, rh, rw, rb = cast(cd, h, weight, bias, rh, rw, rb)
+    # Token indices of every chunk from the counts read in prepare (no host sync): each sequence's
+    # tokens are a slice of the counted-token index, placed in chunk order.
+    idx = counted_index(y, o.ignore_index, sum(o.counts))
+    start = [0]
+    for c in o.counts:
+        start.append(start[-1] + c)
+    chunk_tok = [torch.cat([idx[start[s] : start[s + 1]] for s in c]) for c in chunks]
     rows = max((t.numel() for t in chunk_tok), default=0)
     buf = h.new_empty(rows, weight.shape[0]) if rows else None
     shape = (N, seq_len)
@@ -423,21 +502,25 @@ def linear_grad_in_forward(h, weight, bias, y, rh, rw, rb, o: TileOptions, seq_l
             continue
         ys = y.index_select(0, sel)
         x = buf[:n]
-        if rh is not None:
-            ref.index_copy_(0, sel, fold(kern, project(rh.index_select(0, sel), rw, rb, o.scale, x), ys, o, False)[0])
-        h_rows = h.index_select(0, sel)
-        lp, lse, s = fold(kern, project(h_rows, weight, bias, o.scale, x), ys, o, True)
+        with no_autocast(h.device):
+            if rh is not None:
+                ref.index_copy_(0, sel, fold(kern, project(rh.index_select(0, sel), rw, rb, o.scale, x), ys, o,
+                                             False)[0])
+            h_rows = h.index_select(0, sel)
+            lp, lse, s = fold(kern, project(h_rows, weight, bias, o.scale, x), ys, o, True)
         logp.index_copy_(0, sel, lp)
         st.index_copy_(0, sel, s)
-        with torch.enable_grad():
+        with torch.enable_grad():  # the caller's loss, under the caller's autocast state
             leaf = logp.view(shape).detach().requires_grad_()
             loss = coef_fn(FusedLogprobs(leaf, ref.view(shape) if ref is not None else None, st.view(*shape, NUM_STATS)))
             (coef,) = torch.autograd.grad(loss, leaf, allow_unused=True)
         if coef is None:
             continue  # the loss does not depend on the policy log-probs
-        grads.add_tile(kern, x, coef.reshape(-1).index_select(0, sel).contiguous(), ys, lse, h_rows, sel, weight, o)
+        with no_autocast(h.device):
+            grads.add_tile(kern, x, coef.reshape(-1).index_select(0, sel).contiguous(), ys, lse, h_rows, sel, weight,
+                           o)
     tokens = FusedLogprobs(logp.view(shape), ref.view(shape) if ref is not None else None, st.view(*shape, NUM_STATS))
-    return GradInForward(tokens, *grads.result(weight, bias))
+    return GradInForward(tokens, *grads.result(w_in, b_in))
 
 
 class AttachGrads(torch.autograd.Function):

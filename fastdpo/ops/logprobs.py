@@ -135,8 +135,7 @@ def fused_logprobs(
         )
 
     backend = _resolve(str(backend), logits.device.type)
-    if not torch.compiler.is_compiling():  # data-dependent; compiled graphs rely on the kernels' own checks
-        _validation.check_label_range(labels, logits.shape[-1], ignore_index)
+    _validation.check_label_range(labels, logits.shape[-1], ignore_index)  # no host sync on GPUs or when compiled
 
     out_shape = labels.shape
     x = _as_3d(logits)
