@@ -292,8 +292,8 @@ def _variant(case: _Case, launch) -> Variant:
     loops = _loop_model(name, c, nw)
     flags = [k for k, v in cons if v is True]
     extra = "".join(f" {k}={c[k]}" for k in ("CAP", "SEGS") if c.get(k))
-    label = (f"{name.replace('_kernel', '')} {case.dtype} {'+'.join(flags) or 'plain'}{extra} w{nw}"
-             f"{' i64' if any(t == 'i64' for _, t in sig) else ''}")
+    flags = [f for f in flags if f != "FAST"]  # every variant compiled for a GPU has it
+    label = f"{name.replace('_kernel', '')} {case.dtype} {'+'.join(flags) or 'plain'}{extra}{'' if nw == 8 else f' w{nw}'}"
     return Variant(name, case.dtype if case.op != "segment_sum" else "-", cons, nw, sig, div, label, case.path,
                    float(isz * rows), loops, bool(loops))
 
