@@ -7,6 +7,7 @@ the per-token / per-sequence log-probs those kernels return.
 
 from fastdpo._backends import Backend, BackendUnavailableError, available_backends
 from fastdpo._build import BuildError
+from fastdpo._version import __version__
 from fastdpo.ops.linear import linear_token_logprobs
 from fastdpo.ops.logprobs import FusedLogprobs, TokenLogprobs, fused_logprobs, token_logprobs
 from fastdpo.ops.vocab_parallel import vocab_parallel_linear_logprobs, vocab_parallel_logprobs
@@ -21,9 +22,9 @@ from fastdpo.losses import (
     get_loss,
     linear_dpo_loss,
     register_loss,
+    sequence_sums,
 )
 
-__version__ = "0.1.0"
 
 __all__ = [
     "BCOLoss",
@@ -36,6 +37,7 @@ __all__ = [
     "get_loss",
     "linear_dpo_loss",
     "register_loss",
+    "sequence_sums",
     "Backend",
     "BackendUnavailableError",
     "BuildError",

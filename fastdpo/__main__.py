@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastdpo info`` and ``python -m fastdpo build``."""
+"""Command line: ``python -m fastdpo info``, ``python -m fastdpo build`` and ``python -m fastdpo --version``."""
 
 from __future__ import annotations
 
@@ -70,8 +70,19 @@ def _extension(name: str) -> str:
     return name
 
 
+def _version() -> str:
+    # read from the file rather than imported: importing fastdpo imports torch, and the parser needs neither
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(__file__).parent / "_version.py").read_text())
+    return next(n.value.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "__version__")
+
+
 def parser() -> argparse.ArgumentParser:
+    __version__ = _version()
     p = argparse.ArgumentParser(prog="python -m fastdpo", description=__doc__)
+    p.add_argument("--version", action="version", version=f"fastdpo {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, cache location and which backends are usable")
     b = sub.add_parser("build", help="precompile the C++/CUDA extensions into the cache")

@@ -10,6 +10,8 @@ on 3-D logits ``[B, T, V]`` (any strides on B and T, stride 1 on V)::
     logprobs_bwd(grad_logp, logits, labels, lse, ignore_index, temperature, softcap, inplace,
                  grad_kl=None, ref_logits=None, ref_lse=None)
         -> grad_logits [B,T,V] (``logits`` itself when inplace)
+    segment_sum(values [M], offsets [S+1] int64) -> [S]   # per-sequence sums of packed batches,
+                                                          # each segment in a fixed order (deterministic)
 
 ``kl=True`` (with ``ref_logits``) adds the per-token KL(reference || policy) over the
 whole vocabulary; its gradient ``grad_kl * (p - q)`` joins the backward when
@@ -122,7 +124,12 @@ def resolve(name: str | Backend, device: torch.device) -> Backend:
                 break
             if (cand, device.type) in _build_failed and (cand, device.type) not in _warned:
                 _warned.add((cand, device.type))
-                warnings.warn(f"fastdpo: the {cand} backend is unavailable, falling back: {reason}", stacklevel=3)
+                warnings.warn(
+                    f"fastdpo: the {cand} backend is unavailable, falling back to the next usable backend of "
+                    f"{'/'.join(b.value for b in AUTO_ORDER.get(device.type, ()))}: {reason}\n"
+                    "What this costs: the last fallback, the plain-torch reference (backend='torch'), runs at about "
+                    "the speed of naive log_softmax + gather, several times slower than the native kernel, with "
+                    f"bounded memory. Pass backend={cand.value!r} to make this an error instead.", stacklevel=3)
     else:
         reason = unavailable_reason(backend, device)
         if reason is not None:

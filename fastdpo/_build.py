@@ -71,7 +71,8 @@ class ExtSpec:
 
 
 EXTENSIONS: dict[str, ExtSpec] = {
-    "cpu": ExtSpec("fastdpo_cpu", ("cpu/logprobs_cpu.cpp", "cpu/linear_cpu.cpp"), cuda=False, expected_seconds=90),
+    "cpu": ExtSpec("fastdpo_cpu", ("cpu/logprobs_cpu.cpp", "cpu/linear_cpu.cpp", "cpu/segment_cpu.cpp"), cuda=False,
+                   expected_seconds=90),
     "cuda": ExtSpec(
         "fastdpo_cuda", ("cuda/logprobs_cuda.cu", "cuda/bindings.cpp"), cuda=True, expected_seconds=240
     ),

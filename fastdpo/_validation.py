@@ -87,6 +87,14 @@ def check_positive(value, name: str, *, allow_none: bool = False) -> float | Non
     return float(value)
 
 
+def check_finite(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"fastdpo: {name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"fastdpo: {name} must be a finite number, got {value}")
+    return float(value)
+
+
 def check_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"fastdpo: {name} must be an int, got {type(value).__name__}")

@@ -41,3 +41,15 @@ def preference_dataset(n=8, seed=0):
         rows["chosen"].append(" " + p.split()[0] + "!" * rng.randint(0, 2))
         rows["rejected"].append(" " + "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(1, 6))))
     return Dataset.from_dict(rows)
+
+
+def tiny_qwen2(vocab_size, seed=0, hidden=16, layers=1, **overrides):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                      max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+                      tie_word_embeddings=False, **overrides)
+    return Qwen2ForCausalLM(cfg)

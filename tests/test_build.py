@@ -71,6 +71,7 @@ with warnings.catch_warnings(record=True) as w:
     for _ in range(3):
         lp = fastdpo.token_logprobs(torch.randn(2, 5), torch.tensor([0, 1]))
 print("warnings", sum("falling back" in str(x.message) for x in w), "log" in str(w[0].message))
+print("message:", w[0].message)
 try:
     fastdpo.token_logprobs(torch.randn(2, 5), torch.tensor([0, 1]), backend="cpu")
 except fastdpo.BackendUnavailableError as e:
@@ -80,6 +81,9 @@ except fastdpo.BackendUnavailableError as e:
     assert p.returncode == 0, p.stderr
     assert "warnings 1 True" in p.stdout
     assert "explicit raises True" in p.stdout
+    for words in ("falling back to the next usable backend of cpu/torch", "What this costs",  # what the fallback costs
+                  "naive log_softmax + gather", "slower than the native kernel", "backend='cpu'"):
+        assert words in p.stdout, p.stdout
 
 
 def test_cli_info_reports_backends():

@@ -265,3 +265,165 @@ def test_kl_op_contract_on_gpu():
     big = torch.randn(2, 4, 50, device="cuda")
     with pytest.raises(RuntimeError, match="overlap"):
         ops.logprobs_bwd_(g, big[:, :3], y, lse, *args, gk, big[:, 1:], ref_lse)
+
+
+# Paths of the reworked kernels: rows split over the vocabulary for small batches, odd-V rows
+# peeled to alignment, the soft-cap table (bf16/fp16) and its math fallback, the KL in one read,
+# the statistics' argmax test, non-finite inputs. Each against the float64 truth and the
+# same-dtype torch backend (error <= 4x torch's + tol).
+
+
+def _fwd_all(backend, x, y, r=None, kl=False, **kw):
+    return fastdpo.fused_logprobs(x, y, ref_logits=r, kl=kl, stats=True, backend=backend, **kw)
+
+
+def _check_fwd(x, y, r=None, kl=False, **kw):
+    got = _fwd_all("cuda", x, y, r, kl, **kw)
+    same = _fwd_all("torch", x, y, r, kl, **kw)
+    truth = _fwd_all("torch", x.double(), y, None if r is None else r.double(), kl, **kw)
+    names = ["logps"] + (["ref_logps"] if r is not None else []) + (["kl"] if kl else [])
+    for name in names:
+        _assert_no_worse(getattr(got, name), getattr(same, name), getattr(truth, name), 4, FWD_TOL, name)
+    valid = y != -100
+    for j, what in ((0, "entropy"), (2, "mean logit"), (3, "log sum p^2")):
+        _assert_no_worse(got.stats[..., j][valid], same.stats[..., j][valid], truth.stats[..., j][valid], 4,
+                         FWD_TOL, what)
+    assert torch.equal(got.stats[..., 1][valid], truth.stats[..., 1][valid])  # argmax hit: exact
+    return got
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("V", [128256, 151936, 262144])
+@pytest.mark.parametrize("mode", ["plain", "ref", "kl"])
+def test_small_batches_split_rows_over_the_vocabulary(dtype, V, mode):
+    """3 rows cannot fill the GPU: each row is reduced by many blocks and merged by the last."""
+    x, y, _ = _case((1, 3), V, dtype)
+    y[0, 0] = V - 1
+    r = _case((1, 3), V, dtype, seed=1)[0] if mode != "plain" else None
+    a = _check_fwd(x, y, r, kl=mode == "kl")
+    b = _fwd_all("cuda", x, y, r, mode == "kl")
+    assert torch.equal(a.logps, b.logps) and torch.equal(a.stats, b.stats)  # fixed merge order
+    # the same rows inside a batch that needs no split agree to rounding
+    big_x = torch.cat([x, torch.zeros(1, 4096, V, dtype=dtype, device="cuda")], 1)
+    big_y = torch.cat([y, torch.full((1, 4096), -100, device="cuda")], 1)
+    big_r = None if r is None else torch.cat([r, torch.zeros_like(big_x[:, 3:])], 1)
+    c = _fwd_all("cuda", big_x, big_y, big_r, mode == "kl")
+    torch.testing.assert_close(c.logps[:, :3], a.logps, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("V", [50257, 32001, 7, 15])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_odd_vocabularies_peel_to_alignment(dtype, V, inplace):
+    """Contiguous odd-V rows start at every alignment; sliced views also misalign logits and
+    gradient rows against each other (the backward then stores entry by entry)."""
+    x, y, w = _case((3, 9), V, dtype)
+
+    def sliced(backend, x, sl):  # the op sees the strided view x[sl] of a [3, 9, V] tensor
+        xx = x.detach().clone().requires_grad_()
+        logits = (xx.view_as(xx) if inplace and backend == "cuda" else xx)[sl]
+        out = fastdpo.fused_logprobs(logits, y[sl], backend=backend, stats=True,
+                                     inplace_backward=inplace and backend == "cuda")
+        (out.logps * w[sl]).sum().backward()
+        return xx.grad[sl]
+
+    for sl in ((slice(None), slice(None, -1)), (slice(None), slice(1, None))):
+        _check_fwd(x[sl], y[sl])
+        g64, gt, gk = sliced("torch", x.double(), sl), sliced("torch", x, sl), sliced("cuda", x, sl)
+        _assert_no_worse(gk, gt, g64, 4, GRAD_TOL[dtype], f"grad {sl}")
+        assert (gk[y[sl] == -100] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,softcap", [(torch.bfloat16, 30.0), (torch.float16, 30.0), (torch.float16, 80.0),
+                                           (torch.float32, 30.0), (torch.bfloat16, 5.0)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("mode", ["plain", "ref", "kl"])
+def test_softcap_table_and_math_paths(dtype, softcap, temperature, mode):
+    """bf16/fp16 soft caps come from a table (fp16 with softcap > 56 and fp32 from the formula);
+    logits up to 10x the cap reach tanh's saturation, where table entries are shared."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 7, 32000, generator=g) * softcap * 0.6).to(dtype).cuda()
+    x[0, 0, :50] = 10 * softcap  # saturated: ties of the capped logits
+    y = torch.randint(0, 32000, (2, 7), generator=g).cuda()
+    y[0, 0] = 3  # a tied maximum, not the first one
+    y[1, :2] = -100
+    r = (x.float() + torch.randn(x.shape, generator=g).cuda()).to(dtype) if mode != "plain" else None
+    kw = {"softcap": softcap, "temperature": temperature}
+    _check_fwd(x, y, r, kl=mode == "kl", **kw)
+    w, wk = torch.randn(2, 7, generator=g).cuda(), torch.randn(2, 7, generator=g).cuda()
+    if mode == "kl":
+        o64, g64 = _run_kl("torch", x.double(), y, r.double(), w.double(), wk.double(), **kw)
+        ot, gt = _run_kl("torch", x, y, r, w, wk, **kw)
+        ok, gk = _run_kl("cuda", x, y, r, w, wk, **kw)
+    else:
+        o64, g64 = _run("torch", x.double(), y, w.double(), **kw)
+        ot, gt = _run("torch", x, y, w, **kw)
+        ok, gk = _run("cuda", x, y, w, **kw)
+    _assert_no_worse(gk, gt, g64, 4, GRAD_TOL[dtype], "grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_hit_at_vector_edges_and_ties(dtype):
+    """The label is the first argmax iff it is the max and nothing before it is as large: labels
+    at the ends of 128-bit vectors, in the peeled head and tail, behind and ahead of ties."""
+    V = 4099  # odd: rows start unaligned
+    x = torch.randn(4, 8, V).to(dtype)
+    y = torch.zeros(4, 8, dtype=torch.long)
+    positions = [0, 1, 6, 7, 8, 9, 15, 16, 2047, 2048, V - 2, V - 1]
+    for k, p in enumerate(positions):
+        row = x.view(-1, V)[k]
+        row[p] = 20.0
+        y.view(-1)[k] = p
+    x.view(-1, V)[12, 100] = x.view(-1, V)[12, 200] = 20.0  # tie: the later one is not the argmax
+    y.view(-1)[12] = 200
+    x.view(-1, V)[13, 100] = x.view(-1, V)[13, 200] = 20.0  # tie: the first one is
+    y.view(-1)[13] = 100
+    x.view(-1, V)[14, 5] = 30.0  # the label is not the max
+    y.view(-1)[14] = 9
+    x, y = x.cuda(), y.cuda()
+    got = _check_fwd(x, y)
+    hits = got.stats[..., 1].view(-1)
+    assert hits[: len(positions)].eq(1).all() and hits[12] == 0 and hits[13] == 1 and hits[14] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("softcap", [0.0, 30.0])
+def test_non_finite_logits(dtype, softcap):
+    """A NaN makes its row NaN (and only its row); -inf entries (a masked vocabulary) are
+    probability 0, also in the statistics and the KL."""
+    x, y, _ = _case((2, 4), 5000, dtype)
+    r = _case((2, 4), 5000, dtype, seed=1)[0]
+    x[0, 0, 17] = float("nan")
+    x[0, 1, :1000] = float("-inf")
+    r[0, 1, :500] = float("-inf")
+    y[0, 1] = 1500
+    y[0, 0] = y[0, 2] = 3
+    kw = {"softcap": softcap or None}
+    got = _fwd_all("cuda", x, y, r, True, **kw)
+    want = _fwd_all("torch", x.double(), y, r.double(), True, **kw)
+    assert got.logps[0, 0].isnan() and got.kl[0, 0].isnan() and got.stats[0, 0].isnan().all()
+    ok = torch.ones_like(y, dtype=torch.bool)
+    ok[0, 0] = False
+    ok &= y != -100
+    for name in ("logps", "ref_logps", "kl"):
+        torch.testing.assert_close(getattr(got, name)[ok].double(), getattr(want, name)[ok], atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(got.stats[ok].double(), want.stats[ok], atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.gpu
+def test_split_backward_for_small_batches_and_zero_rows():
+    """Backward blocks split long rows too; rows with a zero gradient (or ignored) are zero."""
+    x, y, w = _case((1, 4), 262144, torch.bfloat16)
+    y[0, 1] = -100
+    w[0, 2] = 0.0
+    o64, g64 = _run("torch", x.double(), y, w.double())
+    ot, gt = _run("torch", x, y, w)
+    ok, gk = _run("cuda", x, y, w)
+    _assert_no_worse(gk, gt, g64, 4, GRAD_TOL[torch.bfloat16], "grad")
+    assert (gk[0, 1] == 0).all() and (gk[0, 2] == 0).all()
+    assert torch.equal(gk, _run("cuda", x, y, w)[1])

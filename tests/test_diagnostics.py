@@ -9,7 +9,6 @@ pass's per-token outputs (log-probs and ``log sum p^2``) in float32.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 import sys
 
@@ -259,8 +258,6 @@ def test_bco_running_mean_is_updated_once_per_call(grad):
 
 # ----------------------------------------------------------------------------- packed (padding-free) batches
 
-PACKED = "cu_seqlens" in inspect.signature(fastdpo.dpo_loss).parameters
-packed_only = pytest.mark.skipif(not PACKED, reason="packed batches (cu_seqlens=) are not in this build")
 
 
 def _pack(x, labels):
@@ -272,7 +269,6 @@ def _pack(x, labels):
     return torch.cat([x[i, :n] for i, n in enumerate(lens)]), cu
 
 
-@packed_only
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(OBJECTIVES))
 def test_packed_dpo_loss_diagnostics_match_full_logits_autograd(name, backend):
@@ -286,7 +282,6 @@ def test_packed_dpo_loss_diagnostics_match_full_logits_autograd(name, backend):
     torch.testing.assert_close(out.diagnostics.weights.double(), w, rtol=1e-5, atol=0.0)
 
 
-@packed_only
 @pytest.mark.parametrize("strategy", ["recompute", "grad_in_forward"])
 @pytest.mark.parametrize("name", list(OBJECTIVES))
 def test_packed_linear_dpo_loss_diagnostics_match_full_logits_autograd(name, strategy):

@@ -5,7 +5,6 @@ full-logits computation on the trainer's own batch."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import sys
 
@@ -102,10 +101,6 @@ def test_flag_must_be_a_bool(setup, tmp_path):
         _trainer(FastDPOTrainer, setup, _args(tmp_path, "fast"), fastdpo_diagnostics="on")
 
 
-PACKING = importlib.util.find_spec("fastdpo.integrations._packing") is not None
-
-
-@pytest.mark.skipif(not PACKING, reason="FastDPOTrainer(padding_free=True) packing is not in this build")
 def test_packed_batches_log_the_same_diagnostics(setup, tmp_path):
     """padding_free=True (packed rows) logs the diagnostics of the padded batches."""
     runs = []

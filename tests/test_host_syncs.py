@@ -218,6 +218,74 @@ def test_linear_token_logprobs_makes_one_host_sync_per_call(gpu_path, backend):
     assert len(c.syncs) <= 1 and all("ops/linear.py" in s for s in c.syncs), c.syncs
 
 
+# Packed (padding-free) batches. ``host_to_device`` (ops/segments.py) moves host ints to a GPU through pinned
+# memory with a non-blocking copy, which does not synchronise there; the counter sees the tensor built from
+# host data, so those entries are set aside (the gpu-marked test below checks them with torch's own checker).
+def _packed_case():
+    x, r, y = _logits_case(n=4, t=8)
+    lengths = [8, 5, 7, 6]
+    pack = lambda t: torch.cat([t[i, :n] for i, n in enumerate(lengths)])  # noqa: E731
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return pack(x), pack(r), pack(y), cu, torch.cat([torch.arange(n) for n in lengths])
+
+
+def _not_pinned_copies(syncs):
+    return [s for s in syncs if not ("host data" in s and "ops/segments.py" in s)]
+
+
+@pytest.mark.parametrize("backend", _backends_here())
+def test_packed_dpo_loss_with_host_cu_seqlens_has_no_host_sync(gpu_path, backend):
+    x, r, y, cu, _ = _packed_case()
+    xl = x.clone().requires_grad_()
+    with SyncCounter() as c:
+        out = fastdpo.dpo_loss(xl, y, ref_logits=r, cu_seqlens=cu, loss_type=["sigmoid", "rrpo"], ld_alpha=0.5,
+                               use_weighting=False, token_weights=torch.rand(y.shape), backend=backend)
+        out.loss.backward()
+    assert _not_pinned_copies(c.syncs) == [], c.syncs
+
+
+def test_packed_index_on_the_device_is_read_once_by_the_layout(gpu_path):
+    """position_ids (or a cu_seqlens tensor) on the device: read on the host once, by the packing check;
+    everything after it works on the host copy or on the device without a sync."""
+    x, r, y, _, pos = _packed_case()
+    xl = x.clone().requires_grad_()
+    with SyncCounter() as c:
+        out = fastdpo.dpo_loss(xl, y, ref_logits=r, position_ids=pos, backend="cpu")
+        out.loss.backward()
+    syncs = _not_pinned_copies(c.syncs)
+    assert syncs and syncs[0].startswith("Tensor.cpu()") and all("losses/sequences.py" in s for s in syncs), syncs
+
+
+@pytest.mark.parametrize("strategy", ["recompute", "grad_in_forward"])
+def test_packed_linear_dpo_loss_makes_one_host_sync_per_call(gpu_path, strategy):
+    x, _, y, cu, _ = _packed_case()
+    g = torch.Generator().manual_seed(1)
+    hid = torch.randn(y.numel(), 8, generator=g, requires_grad=True)
+    w = torch.randn(x.shape[-1], 8, generator=g, requires_grad=True)
+    with SyncCounter() as c:
+        out = fastdpo.linear_dpo_loss(hid, w, y, ref_hidden=hid.detach() * 0.9, cu_seqlens=cu, strategy=strategy,
+                                      memory_budget=14 * w.shape[0] * 4, backend="cpu")
+        out.loss.backward()
+    syncs = _not_pinned_copies(c.syncs)
+    assert len(syncs) == 1 and "ops/linear.py" in syncs[0], c.syncs  # the counts per packed sequence
+
+
+@pytest.mark.gpu
+def test_gpu_packed_dpo_loss_runs_with_synchronisation_errors_on():
+    x, r, y, cu, _ = (t.cuda() if isinstance(t, torch.Tensor) else t for t in _packed_case())
+    xl = x.clone().requires_grad_()
+    fastdpo.dpo_loss(xl, y, ref_logits=r, cu_seqlens=cu).loss.backward()  # build / compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = fastdpo.dpo_loss(xl, y, ref_logits=r, cu_seqlens=cu, ld_alpha=0.5)  # cu_seqlens: host ints
+        out.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
 def test_gpu_logits_path_runs_with_synchronisation_errors_on(backend):

@@ -90,12 +90,12 @@ def test_completion_mask_and_stats():
     model = _model("gemma2")
     ids, attn, labels = _batch(1)
     cmask = (labels != -100).long()
-    a = causal_lm_logprobs(model, ids, attn, completion_mask=cmask, return_stats=True, backend="cpu")
+    a = causal_lm_logprobs(model, ids, attn, completion_mask=cmask, stats=True, backend="cpu")
     b = causal_lm_logprobs(model, ids, attn, labels=labels, backend="torch")
     torch.testing.assert_close(a.logps, b, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
-    st = fastdpo.token_logprobs(logits, labels[:, 1:], return_stats=True, backend="torch")
+    st = fastdpo.token_logprobs(logits, labels[:, 1:], stats=True, backend="torch")
     for f in ("entropy", "argmax_hit", "mean_logit", "log_sum_p2"):
         torch.testing.assert_close(getattr(a, f), getattr(st, f), rtol=1e-5, atol=1e-5, msg=f)
 

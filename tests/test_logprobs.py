@@ -132,7 +132,7 @@ def test_stats_match_definitions(backend, dtype):
     x, y, _ = make_case((3, 4), 257, dtype, scale=2.0)
     y[0, 0] = x[0, 0].float().argmax()  # make sure some hits exist
     kw = {"temperature": 0.9, "softcap": 4.0}
-    out = fastdpo.token_logprobs(x, y, backend=backend, return_stats=True, **kw)
+    out = fastdpo.token_logprobs(x, y, backend=backend, stats=True, **kw)
     s = 4.0 * torch.tanh(x.double() / 4.0)
     z = s / 0.9
     logp = torch.log_softmax(z, -1)
@@ -156,7 +156,7 @@ def test_argmax_hit_takes_the_first_of_ties():
     x = torch.tensor([[1.0, 5.0, 5.0, 0.0]]).repeat(2, 1)
     y = torch.tensor([1, 2])
     for backend in BACKENDS:
-        out = fastdpo.token_logprobs(x, y, backend=backend, return_stats=True)
+        out = fastdpo.token_logprobs(x, y, backend=backend, stats=True)
         assert out.argmax_hit.tolist() == [1.0, 0.0], backend
 
 

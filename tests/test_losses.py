@@ -182,7 +182,7 @@ CASES = {
     "plackett_luce": (9, dict(loss_type="plackett_luce", num_responses=3), ref_pl, {}, True),
     "adpo": (9, dict(loss_type="adpo", num_responses=3, targets=_Q), ref_adpo, dict(q=_Q.double()), True),
     "cdpo": (4, dict(loss_type="sigmoid", cdpo=True, label_smoothing=0.2), ref_cdpo, {}, True),
-    "reference_free_sigmoid": (4, dict(loss_type="sigmoid"), ref_sigmoid, {}, False),
+    "reference_free_sigmoid": (4, dict(loss_type="sigmoid", reference_free=True), ref_sigmoid, {}, False),
 }
 
 

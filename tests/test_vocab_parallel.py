@@ -27,6 +27,20 @@ def _data(dtype):
     return x, r, y, gy
 
 
+PACKED_LENGTHS = [6, 4, 5, 3]
+PACKED_CU = [0, 6, 10, 15, 18]
+
+
+def _packed_data():
+    """_data's sequences cut to PACKED_LENGTHS and laid end to end, and the padded batch they come from
+    (labels ignored beyond each length)."""
+    x, r, y, gy = _data(torch.float32)
+    for i, n in enumerate(PACKED_LENGTHS):
+        y[i, n:] = -100
+    pack = lambda t: torch.cat([t[i, :n] for i, n in enumerate(PACKED_LENGTHS)])  # noqa: E731
+    return pack(x), pack(r), pack(y), (x, r, y)
+
+
 def _linear_data():
     g = torch.Generator().manual_seed(1)
     h = torch.randn(N, T, 8, generator=g)
@@ -77,6 +91,14 @@ def _worker(rank, world, init_file, out_dir):
                             process_group=group, backend="cpu")
     loss.loss.backward()
     res["rrpo"] = (loss.loss.detach(), loss.metrics["kl/chosen"], xs.grad)
+    # A packed (padding-free) batch of the same sequences, with the token-level KL.
+    for name in ("ipo", "rrpo"):
+        xp, rp, yp, _ = _packed_data()
+        xps = _shard(xp, rank).requires_grad_(True)
+        out = fastdpo.dpo_loss(xps, yp, ref_logits=_shard(rp, rank), loss_type=name, process_group=group,
+                               backend="cpu", cu_seqlens=PACKED_CU)
+        out.loss.backward()
+        res["packed-" + name] = (out.loss.detach(), dict(out.metrics), xps.grad)
     h, w, _, gy = _linear_data()
     hl = h.clone().requires_grad_(True)
     ws = (w[:SPLIT] if rank == 0 else w[SPLIT:]).clone().requires_grad_(True)
@@ -170,6 +192,23 @@ def test_rrpo_loss_matches_unsharded(sharded):
         torch.testing.assert_close(kl_chosen, ref.metrics["kl/chosen"], rtol=1e-5, atol=1e-6)
     grad = torch.cat([sharded[0]["rrpo"][2], sharded[1]["rrpo"][2]], dim=-1)
     torch.testing.assert_close(grad, xl.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["ipo", "rrpo"])
+def test_packed_dpo_loss_matches_unsharded_padded(sharded, name):
+    _, _, _, (x, r, y) = _packed_data()
+    xl = x.clone().requires_grad_(True)
+    ref = fastdpo.dpo_loss(xl, y, ref_logits=r, loss_type=name, backend="cpu")
+    ref.loss.backward()
+    want = torch.cat([xl.grad[i, :n] for i, n in enumerate(PACKED_LENGTHS)])
+    grad = torch.cat([sharded[0]["packed-" + name][2], sharded[1]["packed-" + name][2]], dim=-1)
+    torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-7)
+    for rank in range(2):
+        loss, metrics, _ = sharded[rank]["packed-" + name]
+        torch.testing.assert_close(loss, ref.loss, rtol=1e-5, atol=1e-6)
+        assert metrics.keys() == ref.metrics.keys()
+        for k, v in ref.metrics.items():
+            torch.testing.assert_close(metrics[k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_validation_errors(sharded):

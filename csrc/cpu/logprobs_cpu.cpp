@@ -43,7 +43,7 @@ constexpr int64_t kChunk = 1024;
 template <typename acc_t>
 struct RowResult {
   acc_t lse;
-  acc_t m;      // lse = m + log_s, kept apart for the KL pass (math.h: kl_term)
+  acc_t m;      // lse = m + log_s, kept apart for the KL (math.h: kl_value)
   acc_t log_s;
   acc_t z_label;
   acc_t stats[kNumStats];
@@ -208,9 +208,10 @@ struct RefKLResult {
   acc_t kl;
 };
 
-// The reference row folded together with the per-token KL(q || p) (math.h: kl_term,
-// lse_kl). The policy row is read again (it was just reduced, so it is cache-hot) for
-// z_v; its max m_p and log s_p are already known, so one online state over z' suffices.
+// The reference row folded together with the per-token KL(q || p) (math.h: kl_diff,
+// kl_merge, kl_value). The policy row is read again (it was just reduced, so it is
+// cache-hot) for z_v; its max m_p and log s_p are already known, so one online state over
+// z' suffices.
 template <bool kCap, typename scalar_t, typename acc_t>
 RefKLResult<acc_t> reduce_ref_kl(const scalar_t* __restrict__ xr, const scalar_t* __restrict__ xp, int64_t V,
                                  int64_t label, acc_t m_p, acc_t log_s_p, const Transform& tf) {
@@ -235,16 +236,16 @@ RefKLResult<acc_t> reduce_ref_kl(const scalar_t* __restrict__ xr, const scalar_t
       const acc_t d = zr[i] - m;
       const acc_t e = exp_nonpos(d);
       cs += e;
-      ca += kl_term(e, d, zp[i], m_p, log_s_p);
+      ca += e * kl_diff(zr[i], zp[i]);
     }
     OnlineLSE<acc_t> chunk{m, cs, ca, acc_t(0)};
-    st = lse_merge(st, chunk);
+    st = kl_merge(st, chunk);
   }
   RefKLResult<acc_t> r;
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   r.lse = nan_seen ? nan : lse_value(st);
   r.z_label = transform_logit_t<kCap>(static_cast<acc_t>(xr[label]), tf);
-  r.kl = nan_seen ? nan : lse_kl(st);
+  r.kl = nan_seen ? nan : kl_value(st.sz, st.s, m_p, log_s_p, st.m, acc_t(::log(st.s)));
   return r;
 }
 

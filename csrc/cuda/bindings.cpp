@@ -29,6 +29,12 @@ void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "fastdpo: launching the ", what, " kernel failed: ", cudaGetErrorString(err));
 }
 
+int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+void check_vocab(int64_t V) {
+  TORCH_CHECK(V < (int64_t(1) << 31), "fastdpo: the cuda backend takes vocabularies below 2^31 entries, got ", V);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& labels, const c10::optional<at::Tensor>& ref_logits,
     int64_t ignore_index, double temperature, double softcap, bool stats, bool kl) {
@@ -38,6 +44,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               "fastdpo: ref_logits must have the dtype of logits (", logits.scalar_type(), ")");
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
+  check_vocab(V);
   auto opts = logits.options().dtype(at::kFloat);
   at::Tensor logp = at::zeros({B, T}, opts), lse = at::zeros({B, T}, opts);
   at::Tensor ref = ref_logits.has_value() ? at::zeros({B, T}, opts) : at::empty({0}, opts);
@@ -64,6 +71,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   a.srt = ref_logits.has_value() ? ref_logits->stride(1) : 0;
   a.ignore_index = ignore_index;
   a.tf = make_transform(float(temperature), float(softcap));
+  // Small batches split each row over the vocabulary: per-slice states and arrival counters.
+  a.splits = cuda::plan_logprobs_fwd(a, dtype, stats, kl, sm_count());
+  at::Tensor work, counters;
+  if (a.splits > 1) {
+    work = at::empty({B * T * a.splits * cuda::kWorkFloats}, opts);
+    counters = at::zeros({B * T}, logits.options().dtype(at::kInt));
+    a.work = work.mutable_data_ptr<float>();
+    a.counters = counters.mutable_data_ptr<int>();
+  }
   check_cuda(cuda::launch_logprobs_fwd(a, dtype, stats, kl, at::cuda::getCurrentCUDAStream()), "forward");
   return {logp, lse, ref, st, kl_out, ref_lse};
 }
@@ -100,6 +116,8 @@ void bwd_into(const at::Tensor& grad_logp, const at::Tensor& logits, const at::T
   a.sot = out.stride(1);
   a.ignore_index = ignore_index;
   a.tf = make_transform(float(temperature), float(softcap));
+  check_vocab(a.V);
+  a.splits = cuda::plan_logprobs_bwd(a, dtype, kl, sm_count());
   const auto stream = at::cuda::getCurrentCUDAStream();
   if (!kl) {
     check_cuda(cuda::launch_logprobs_bwd(a, dtype, stream), "backward");

@@ -1,6 +1,6 @@
 // CUDA kernels of the fused log-prob ops, on raw pointers and a stream.
-// Semantics are those of fastdpo/kernels/reference.py; the arithmetic is the
-// shared csrc/include/fastdpo/math.h.
+// Semantics are those of fastdpo/kernels/reference.py; the arithmetic shared with
+// the CPU kernels is csrc/include/fastdpo/math.h.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -21,13 +21,18 @@ struct FwdArgs {
   float* lse;
   float* ref_logp;  // nullptr without reference
   float* stats;     // [B * T, kNumStats], nullptr without statistics
+  float* kl;        // KL(reference || policy) per row, nullptr without kl
+  float* ref_lse;   // reference log-sum-exp per row (for the KL backward), nullptr without kl
   int64_t B, T, V;
   int64_t sxb, sxt, srb, srt;
   int64_t ignore_index;
   Transform tf;
-  // Last, so the fields above keep their offsets (the kernels without kl compile as before).
-  float* kl;       // KL(reference || policy) per row, nullptr without kl
-  float* ref_lse;  // reference log-sum-exp per row (for the KL backward), nullptr without kl
+  // Splitting each row over the vocabulary (plan_logprobs_fwd): `splits` blocks per row write
+  // partial states to `work` [B * T, splits, kWorkFloats]; the last of them (counted in
+  // `counters` [B * T], zero-initialised) merges them in split order and writes the outputs.
+  int splits;
+  float* work;
+  int* counters;
 };
 
 struct BwdArgs {
@@ -40,10 +45,10 @@ struct BwdArgs {
   int64_t sxb, sxt, sob, sot;
   int64_t ignore_index;
   Transform tf;
+  int splits;  // blocks per row (plan_logprobs_bwd)
 };
 
-// The backward with the KL term: its own kernel parameters, so that the plain
-// backward's kernels (BwdArgs alone) compile exactly as without the KL term.
+// The backward with the KL term: rows with grad_kl != 0 read the reference row too.
 struct BwdKLArgs {
   BwdArgs base;
   const float* grad_kl;  // [B * T]
@@ -53,6 +58,14 @@ struct BwdKLArgs {
 };
 
 enum class DType { kFloat, kBFloat16, kHalf };
+
+// Floats of one partial state in FwdArgs::work.
+constexpr int kWorkFloats = 12;
+
+// Blocks per row so that small batches still fill the GPU (>= 2 waves of blocks where the
+// vocabulary allows it); 1 for large batches. `sm_count` is the device's multiprocessor count.
+int plan_logprobs_fwd(const FwdArgs& a, DType dtype, bool stats, bool kl, int sm_count);
+int plan_logprobs_bwd(const BwdArgs& a, DType dtype, bool kl, int sm_count);
 
 cudaError_t launch_logprobs_fwd(const FwdArgs& a, DType dtype, bool stats, bool kl, cudaStream_t stream);
 cudaError_t launch_logprobs_bwd(const BwdArgs& a, DType dtype, cudaStream_t stream);

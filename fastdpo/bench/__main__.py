@@ -3,7 +3,10 @@
 Each (provider, case) runs in a fresh process: warm-up (and compilation) first,
 then several timed repetitions; the table shows the median with the min-max
 spread, the speed-up over naive torch and the ratio to the floor, and the peak
-extra memory. Results go to ``<out>/<device>/logprobs.json`` and ``.png``.
+extra memory. Results (``logprobs``, ``linear``, ``kl``: ``.json`` with every
+measurement and the command, ``.png`` plots, ``output.txt``) go to a fresh folder
+``bench/runs/<device>-<date>-<time>/`` (not under version control), or with
+``--out DIR`` to ``DIR/<device>/`` (how the committed ``bench/results/`` are made).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -21,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from fastdpo._version import __version__
+from fastdpo.bench.plot import plot_suite
 from fastdpo.bench.providers import DTYPES, KL_PROVIDERS, LINEAR_PROVIDERS, LOGPROB_PROVIDERS, Case
 
 CPU_QUICK = [(2048, 32000)]
@@ -29,10 +35,10 @@ CPU_QUICK = [(2048, 32000)]
 CPU_FULL = [(2048, 32000), (512, 128256), (448, 152064), (256, 262144)]
 GPU_QUICK = [(8192, 32000), (8192, 128256)]
 GPU_FULL = [(8192, 32000), (8192, 128256), (8192, 152064), (8192, 262144)]
-# Fused linear (N tokens = 2 * pairs * T, H, V). CPU GEMMs are slow (and bf16 ones
-# much slower without native bf16 units), so the quick CPU sweep is one small
-# fp32 point; --full adds 4 pairs of 256 tokens with H = 512 in fp32 and bf16.
-CPU_LINEAR = [(512, 256, 32000)]
+# Fused linear (N tokens = 2 * pairs * T, H, V): 4 pairs of 256 tokens with H = 512.
+# CPU GEMMs are slow (and bf16 ones much slower without native bf16 units), so the
+# default CPU sweep is fp32 only; --full adds bf16 and a smaller point.
+CPU_LINEAR = [(2048, 512, 32000)]
 CPU_LINEAR_FULL = [(512, 256, 32000), (2048, 512, 32000)]
 GPU_LINEAR = [(8192, 4096, 128256)]
 GPU_LINEAR_FULL = [(8192, 4096, 128256), (8192, 4096, 152064), (8192, 3584, 262144)]
@@ -59,6 +65,47 @@ def device_name(device: str) -> str:
             pass
         name = f"cpu-{model}-{os.cpu_count()}c"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def machine_description(device: str) -> str:
+    """The machine in words: the accelerator, or the CPU model, its logical CPUs and memory."""
+    cpu, mem = platform.processor() or platform.machine(), None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) / 2**20
+                break
+    except OSError:
+        pass
+    host = f"{cpu}, {os.cpu_count()} logical CPUs" + (f", {mem:.0f} GiB RAM" if mem else "")
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB); host: {host}"
+    return host
+
+
+def _source_revision() -> str | None:
+    """The git commit of the fastdpo sources being measured (``+`` when they have local changes), if any."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=30)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                                "fastdpo", "csrc"], capture_output=True, text=True, timeout=30)
+        return rev.stdout.strip() + ("+" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def command_line(argv: list[str]) -> str:
+    """The command that reproduces this run, quoted so that it can be pasted into a shell."""
+    return shlex.join(["python", "-m", "fastdpo.bench", *argv])
 
 
 def _run_one(provider: str, case: Case, warmup: int, reps: int) -> dict:
@@ -124,7 +171,7 @@ def _fmt_table(results: list[dict], cases: list[Case]) -> str:
             lines.append(f"{r['provider']:<22}{m:>11.1f}{spread:>17}{vs_naive:>10}{vs_floor:>10}{extra:>10}"
                          f"  {_throughput(case, m)}".rstrip())
         ok = [r for r in rows if "error" not in r]
-        ours = [r for r in ok if r["kind"] == "fastdpo" and not r["provider"].endswith("-torch")]
+        ours = [r for r in ok if r["kind"] == "fastdpo"]
         anchors = [r for r in ok if r["kind"] == "anchor"]
         if ours and anchors:
             best = min(ours, key=lambda r: r["median_ms"])
@@ -135,40 +182,6 @@ def _fmt_table(results: list[dict], cases: list[Case]) -> str:
                 lines.append(f"  ... {best['median_ms'] / resp['median_ms']:.2f}x the GEMMs over the response tokens "
                              "only (floor-gemm-response)")
     return "\n".join(lines)
-
-
-def _plot(results: list[dict], cases: list[Case], path: Path, title: str, family: list, what: str) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: no plot (pip install matplotlib)"
-    providers = [p.name for p in family if any(r["provider"] == p.name and "error" not in r for r in results)]
-    fig, axes = plt.subplots(1, 2, figsize=(6 + 2.2 * len(cases), 4.8))
-    width = 0.8 / max(1, len(providers))
-    for ax, key, ylabel in ((axes[0], "median_ms", "time per step, median (ms)"),
-                            (axes[1], "extra_mb", "peak extra memory (MB)")):
-        for i, prov in enumerate(providers):
-            vals = []
-            for case in cases:
-                hit = [r for r in results if r["provider"] == prov and r["case"] == dataclasses.asdict(case)
-                       and "error" not in r]
-                vals.append((hit[0].get(key) or 0.0) if hit else 0.0)
-            ax.bar([c + i * width for c in range(len(cases))], vals, width, label=prov)
-        ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
-        ax.set_xticklabels([c.label().replace(" N=", "\nN=") for c in cases], fontsize=8)
-        ax.set_ylabel(ylabel)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].set_title(f"{what}: time (lower is better)")
-    axes[1].set_title("memory beyond the inputs (lower is better)")
-    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return None
 
 
 def _available(family, wanted, device):
@@ -184,7 +197,7 @@ def _available(family, wanted, device):
     return providers, notes
 
 
-def _run_suite(name, what, family, cases, args, dev_name, out: Path, argv) -> bool:
+def _run_suite(name, what, family, cases, args, dev_name, out: Path, meta: dict) -> bool:
     wanted = set(args.providers.split(",")) if args.providers else None
     providers, notes = _available(family, wanted, args.device)
     jobs = [(p, c) for c in cases for p in providers]
@@ -195,7 +208,7 @@ def _run_suite(name, what, family, cases, args, dev_name, out: Path, argv) -> bo
         print("  " + n)
     results, t0 = [], time.monotonic()
     for i, (p, c) in enumerate(jobs, 1):
-        msg = f"[{i}/{len(jobs)}] {c.label():<44} {p.name:<22} {time.monotonic() - t0:5.0f}s"
+        msg = f"[{i}/{len(jobs)}] {c.label():<44} {p.name:<22} {time.monotonic() - t0:5.0f}s elapsed"
         sys.stdout.write(f"\r{msg}" if sys.stdout.isatty() else f"{msg}\n")
         sys.stdout.flush()
         res = _run_one(p.name, c, args.warmup, args.reps)
@@ -203,14 +216,52 @@ def _run_suite(name, what, family, cases, args, dev_name, out: Path, argv) -> bo
     if sys.stdout.isatty():
         sys.stdout.write("\n")
     print(_fmt_table(results, cases))
-    meta = {"device": dev_name, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "command": "python -m fastdpo.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "notes": notes, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    meta = {**meta, "suite": name, "notes": notes, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    problem = _plot(results, cases, out / f"{name}.png", f"{dev_name}, torch {torch.__version__}", family, what)
+    problem = plot_suite(results, cases, family, out / f"{name}.png",
+                         f"{what}\n{meta['machine']}, torch {meta['torch']}, {meta['threads']} threads")
     print(f"results: {out / (name + '.json')}")
     print(problem or f"plot:    {out / (name + '.png')}")
     return not any("error" in r for r in results)
+
+
+class _Tee:
+    """stdout, also recorded in ``output.txt`` (without the carriage-return progress line of a terminal)."""
+
+    def __init__(self, stream, path: Path):
+        self.stream, self.file = stream, open(path, "w")
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        if not text.startswith("\r"):
+            self.file.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.file.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _output_folder(out: str | None, dev_name: str) -> Path:
+    if out is not None:
+        folder = Path(out) / dev_name
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for k in range(100):
+        folder = Path("bench") / "runs" / (f"{dev_name}-{stamp}" + (f"-{k}" if k else ""))
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"fastdpo.bench: cannot make a fresh folder for {dev_name}-{stamp} in bench/runs")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--providers", default=None, help="comma-separated subset of providers")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--out", default="bench/results", help="results root (a <device>/ folder is made in it)")
+    ap.add_argument("--out", default=None,
+                    help="write into OUT/<device>/ (e.g. bench/results/<set> to refresh the committed results); "
+                         "default: a fresh bench/runs/<device>-<date>-<time>/, not under version control")
     args = ap.parse_args(argv)
 
     gpu = args.device.startswith("cuda")
@@ -254,25 +307,43 @@ def main(argv: list[str] | None = None) -> int:
     kcases = [Case(N, V, dt, m, args.device, kl=True) for (N, V) in kshapes for dt in dtypes for m in modes]
 
     dev_name = device_name(args.device)
-    print(f"fastdpo.bench on {dev_name} (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    out = _output_folder(args.out, dev_name)
+    stdout, tee = sys.stdout, _Tee(sys.stdout, out / "output.txt")
+    sys.stdout = tee
+    try:
+        ok = _sweep(args, argv, gpu, dev_name, out, cases, lcases, kcases)
+    finally:
+        sys.stdout = stdout
+        tee.close()
+    print(f"\nall results in {out}/")
+    return 0 if ok else 1
+
+
+def _sweep(args, argv, gpu, dev_name, out, cases, lcases, kcases) -> bool:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    meta = {"device": dev_name, "machine": machine_description(args.device), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "fastdpo": __version__, "revision": _source_revision(), "command": command_line(argv)}
+    print(f"fastdpo.bench on {dev_name}: {meta['machine']} (torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads)")
+    print(f"command: {meta['command']}")
+    print(f"results folder: {out}/")
     if not gpu:
         print("CPU sizes are scaled down to fit the machine; large-vocabulary cases keep N*V near 65M logits.")
     print("Each measurement runs in a fresh process: warm-up/compile, then median of "
           f"{args.reps} runs. Timings on a shared machine are noisy: compare within one run.")
-    out = Path(args.out) / dev_name
-    out.mkdir(parents=True, exist_ok=True)
-    ok = _run_suite("logprobs", "token_logprobs (logits in)", LOGPROB_PROVIDERS, cases, args, dev_name, out, argv)
+    ok = _run_suite("logprobs", "token_logprobs (logits in)", LOGPROB_PROVIDERS, cases, args, dev_name, out, meta)
     ok &= _run_suite("linear", "DPO from hidden states + LM head (policy fwd+bwd, reference fwd)", LINEAR_PROVIDERS,
-                     lcases, args, dev_name, out, argv)
+                     lcases, args, dev_name, out, meta)
     ok &= _run_suite("kl", "log-probs + token KL (RRPO, TDPO)", KL_PROVIDERS, kcases,
-                     args, dev_name, out, argv)
+                     args, dev_name, out, meta)
     print("\nvs naive: speed-up over plain torch with autograd (log_softmax().gather(); for fused linear the full "
           "logits); vs floor: time / the unavoidable work (logits path: reading the logits and writing their "
           "gradient; fused linear: the 4 GEMMs over every token, as the naive version does them; "
           "floor-gemm-response: the same over the non-ignored tokens only, which fastdpo restricts itself to; "
           "token-level KL: reading policy and reference logits twice and writing the gradient); "
           "extra MB: peak memory beyond the inputs.")
-    return 0 if ok else 1
+    return ok
 
 
 if __name__ == "__main__":

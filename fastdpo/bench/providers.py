@@ -29,6 +29,7 @@ class Case:
     H: int = 0  # hidden size: > 0 for the fused-linear (hidden states + LM head) benchmark
     T: int = 256  # sequence length of the fused-linear batch (N = 2 * pairs * T)
     kl: bool = False  # log-probs plus the token-level KL to reference logits (RRPO / TDPO)
+    softcap: float = 0.0  # Gemma-style soft cap of the logits paths (0 = none)
 
     @property
     def linear(self) -> bool:
@@ -37,15 +38,56 @@ class Case:
     def label(self) -> str:
         if self.linear:
             return f"linear {self.mode} {self.dtype} N={self.N} H={self.H} V={self.V}"
-        return f"{'kl ' if self.kl else ''}{self.mode} {self.dtype} N={self.N} V={self.V}"
+        cap = f" cap={self.softcap:g}" if self.softcap else ""
+        return f"{'kl ' if self.kl else ''}{self.mode} {self.dtype} N={self.N} V={self.V}{cap}"
 
 
 @dataclasses.dataclass(frozen=True)
 class Provider:
     name: str
-    kind: str  # "fastdpo", "anchor" or "floor"
+    kind: str  # "fastdpo", "reference" (fastdpo's plain-torch oracle and fallback), "variant", "anchor" or "floor"
     build: Callable[[Case], Callable[[], None]]
     unavailable: Callable[[str], str | None] = lambda device: None  # None = runnable, else the reason
+    impl: str = ""  # the implementation across suites (one colour per implementation in every plot)
+    label: str = ""  # how plots name it (default: its implementation's label)
+
+    @property
+    def style(self) -> "Style":
+        return STYLES[self.impl or self.name]
+
+    @property
+    def display(self) -> str:
+        return self.label or self.style.label
+
+
+@dataclasses.dataclass(frozen=True)
+class Style:
+    """How an implementation is named and drawn in every plot."""
+
+    label: str
+    color: str
+    hatch: str = ""
+
+
+# One entry per implementation; the token_logprobs, fused-linear and token-KL providers of the same
+# implementation share it (Provider.impl), so a colour means the same thing in every plot.
+STYLES = {
+    "fastdpo-cpu": Style("fastdpo cpu", "#1f77b4"),
+    "fastdpo-cpu-inplace": Style("fastdpo cpu, inplace_backward", "#17becf"),
+    "fastdpo-triton": Style("fastdpo triton", "#2ca02c"),
+    "fastdpo-cuda": Style("fastdpo cuda", "#9467bd"),
+    "fastdpo-torch": Style("fastdpo torch backend (the reference; fallback)", "#c5b0d5", "//"),
+    "fastdpo-cpu-diag": Style("fastdpo cpu, diagnostics=True", "#aec7e8", "xx"),
+    "fastdpo-triton-diag": Style("fastdpo triton, diagnostics=True", "#98df8a", "xx"),
+    "fastdpo-cuda-diag": Style("fastdpo cuda, diagnostics=True", "#b5a3d9", "xx"),
+    "naive": Style("naive torch + autograd", "#d62728"),
+    "naive-compile": Style("torch.compile of naive", "#ff7f0e"),
+    "trl": Style("TRL", "#8c564b"),
+    "liger": Style("Liger", "#e377c2"),
+    "cce": Style("Cut Cross-Entropy", "#393b79"),
+    "floor": Style("floor (unavoidable work)", "#7f7f7f", ".."),
+    "floor-response": Style("floor over response tokens", "#bcbd22", ".."),
+}
 
 
 def _inputs(case: Case):
@@ -81,8 +123,23 @@ def _mode_step(mode: str, forward: Callable[[], None], loss: Callable[[], torch.
     return timed
 
 
+def _softcapped(fn: Callable, softcap: float) -> Callable:
+    """``fn`` under the case's soft cap: fastdpo takes it as an option (``fn.softcap``), the
+    others see the capped logits c * tanh(x / c), as a model's LM head hands them over."""
+    if not softcap:
+        return fn
+    if getattr(fn, "softcap", False):
+        return lambda *a: fn(*a, softcap=softcap)
+
+    def capped(*a):
+        return fn(*(softcap * torch.tanh(t / softcap) if t.is_floating_point() else t for t in a))
+
+    return capped
+
+
 def _logprob_step(fn: Callable, case: Case) -> Callable[[], None]:
     """Wrap ``fn(x, y) -> logps`` as a step of the requested mode."""
+    fn = _softcapped(fn, case.softcap)
     x, y = _inputs(case)
     xr = x.clone().requires_grad_() if case.mode != "fwd" else None
     w = torch.randn(case.N, device=case.device)
@@ -106,10 +163,11 @@ def _fastdpo(backend: str, device: str, inplace: bool = False):
 
     _backends.resolve(backend, torch.device(device))  # load native code before memory accounting
 
-    def fn(x, y):
-        return fastdpo.token_logprobs(x, y, backend=backend, inplace_backward=inplace)
+    def fn(x, y, softcap=None):
+        return fastdpo.token_logprobs(x, y, backend=backend, inplace_backward=inplace, softcap=softcap)
 
     fn.needs_nonleaf = inplace  # in-place backward needs logits produced by an op (as from an LM head)
+    fn.softcap = True
     return fn
 
 
@@ -173,6 +231,7 @@ def _floor(case: Case) -> Callable[[], None]:
 
 def _kl_step(fn: Callable, case: Case) -> Callable[[], None]:
     """Wrap ``fn(x, r, y) -> (logps, kl)`` as a step of the requested mode."""
+    fn = _softcapped(fn, case.softcap)
     x, y = _inputs(case)
     r, _ = _inputs(dataclasses.replace(case, seed=case.seed + 1))
     w, wk = torch.randn(case.N, device=case.device), torch.randn(case.N, device=case.device)
@@ -192,10 +251,11 @@ def _fastdpo_kl(backend: str, device: str):
 
     _backends.resolve(backend, torch.device(device))
 
-    def fn(x, r, y):
-        out = fastdpo.fused_logprobs(x, y, ref_logits=r, kl=True, backend=backend)
+    def fn(x, r, y, softcap=None):
+        out = fastdpo.fused_logprobs(x, y, ref_logits=r, kl=True, backend=backend, softcap=softcap)
         return out.logps, out.kl
 
+    fn.softcap = True
     return fn
 
 
@@ -227,12 +287,13 @@ def _kl_floor(case: Case) -> Callable[[], None]:
 
 
 KL_PROVIDERS: list[Provider] = [
-    Provider(f"fastdpo-{b}-kl", "fastdpo", (lambda b: lambda c: _kl_step(_fastdpo_kl(b, c.device), c))(b),
-             _fastdpo_unavailable(b))
+    Provider(f"fastdpo-{b}-kl", "reference" if b == "torch" else "fastdpo",
+             (lambda b: lambda c: _kl_step(_fastdpo_kl(b, c.device), c))(b), _fastdpo_unavailable(b), f"fastdpo-{b}")
     for b in ("cpu", "triton", "cuda", "torch")
 ] + [
-    Provider("naive-kl", "anchor", lambda c: _kl_step(_naive_kl, c)),
-    Provider("floor-kl", "floor", _kl_floor),
+    Provider("naive-kl", "anchor", lambda c: _kl_step(_naive_kl, c), impl="naive",
+             label="naive: two log_softmaxes + KL + autograd"),
+    Provider("floor-kl", "floor", _kl_floor, impl="floor", label="floor: read both logits twice, write the gradient"),
 ]
 
 
@@ -245,12 +306,13 @@ LOGPROB_PROVIDERS: list[Provider] = [
              _fastdpo_unavailable("triton")),
     Provider("fastdpo-cuda", "fastdpo", lambda c: _logprob_step(_fastdpo("cuda", c.device), c),
              _fastdpo_unavailable("cuda")),
-    Provider("fastdpo-torch", "fastdpo", lambda c: _logprob_step(_fastdpo("torch", c.device), c),
+    Provider("fastdpo-torch", "reference", lambda c: _logprob_step(_fastdpo("torch", c.device), c),
              _fastdpo_unavailable("torch")),
     Provider("naive", "anchor", lambda c: _logprob_step(_naive, c)),
     Provider("naive-compile", "anchor", lambda c: _logprob_step(_naive_compiled(), c)),
-    Provider("trl-selective", "anchor", lambda c: _logprob_step(_trl_selective(), c), _missing("trl", "trl")),
-    Provider("floor", "floor", _floor),
+    Provider("trl-selective", "anchor", lambda c: _logprob_step(_trl_selective(), c), _missing("trl", "trl"), "trl",
+             "TRL selective_log_softmax"),
+    Provider("floor", "floor", _floor, label="floor: read the logits, write the gradient"),
 ]
 
 
@@ -346,6 +408,24 @@ def _liger_dpo():
     return loss
 
 
+def _cce_dpo():
+    """Apple's Cut Cross-Entropy: per-token log-probs as minus its unreduced loss."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    def loss(h, rh, w, y):
+        mask = y != -100
+
+        def seq_logps(hid, weight):
+            nll = linear_cross_entropy(hid, weight, y, ignore_index=-100, reduction="none")
+            return -(nll.float() * mask).sum(-1)
+
+        with torch.no_grad():
+            ref = seq_logps(rh, w)
+        return _sigmoid_dpo(seq_logps(h, w), ref)
+
+    return loss
+
+
 def _gemm_floor(case: Case, response_only: bool = False) -> Callable[[], None]:
     """The GEMMs no exact method avoids: policy logits, their two gradients
     (w.r.t. hidden and weight) and the reference logits; over every token, or
@@ -378,16 +458,24 @@ def _gemm_floor(case: Case, response_only: bool = False) -> Callable[[], None]:
 
 LINEAR_PROVIDERS: list[Provider] = [
     Provider("fastdpo-linear-cpu", "fastdpo", lambda c: _linear_step(_fastdpo_linear("cpu", c.device), c),
-             _fastdpo_unavailable("cpu")),
+             _fastdpo_unavailable("cpu"), "fastdpo-cpu"),
     Provider("fastdpo-linear-triton", "fastdpo", lambda c: _linear_step(_fastdpo_linear("triton", c.device), c),
-             _fastdpo_unavailable("triton")),
+             _fastdpo_unavailable("triton"), "fastdpo-triton"),
     Provider("fastdpo-linear-cuda", "fastdpo", lambda c: _linear_step(_fastdpo_linear("cuda", c.device), c),
-             _fastdpo_unavailable("cuda")),
-    Provider("naive-linear", "anchor", lambda c: _linear_step(_naive_linear, c)),
-    Provider("trl-chunked", "anchor", lambda c: _linear_step(_trl_chunked(), c), _missing("trl", "trl")),
-    Provider("liger-dpo", "anchor", lambda c: _linear_step(_liger_dpo(), c), _missing("liger_kernel", "liger-kernel")),
-    Provider("floor-gemm", "floor", _gemm_floor),
-    Provider("floor-gemm-response", "floor", lambda c: _gemm_floor(c, response_only=True)),
+             _fastdpo_unavailable("cuda"), "fastdpo-cuda"),
+    Provider("naive-linear", "anchor", lambda c: _linear_step(_naive_linear, c), impl="naive",
+             label="naive: full logits + autograd"),
+    Provider("trl-chunked", "anchor", lambda c: _linear_step(_trl_chunked(), c), _missing("trl", "trl"), "trl",
+             "TRL ChunkedLogProbFunction"),
+    Provider("liger-dpo", "anchor", lambda c: _linear_step(_liger_dpo(), c), _missing("liger_kernel", "liger-kernel"),
+             "liger", "Liger LigerFusedLinearDPOLoss"),
+    Provider("cce-dpo", "anchor", lambda c: _linear_step(_cce_dpo(), c),
+             lambda device: _missing("cut_cross_entropy", "cut-cross-entropy")(device) or (
+                 None if device.startswith("cuda") else "Cut Cross-Entropy runs on CUDA devices only"),
+             "cce", "Cut Cross-Entropy (DPO from its per-token losses)"),
+    Provider("floor-gemm", "floor", _gemm_floor, impl="floor", label="floor: the 4 GEMMs over every token"),
+    Provider("floor-gemm-response", "floor", lambda c: _gemm_floor(c, response_only=True), impl="floor-response",
+             label="floor: the 4 GEMMs over response tokens"),
 ]
 
 # The same fused-linear step with the training-dynamics diagnostics on (docs/diagnostics.md), to read their
@@ -395,7 +483,7 @@ LINEAR_PROVIDERS: list[Provider] = [
 LINEAR_PROVIDERS += [
     Provider(f"fastdpo-linear-{b}-diag", "variant",
              (lambda b: lambda c: _linear_step(_fastdpo_linear(b, c.device, diagnostics=True), c))(b),
-             _fastdpo_unavailable(b))
+             _fastdpo_unavailable(b), f"fastdpo-{b}-diag")
     for b in ("cpu", "triton", "cuda")
 ]
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ GPUS = (sass.H100, sass.H200)
 MIN_HEADROOM = 1.25  # the tighter ceiling / the memory time, at H100 rates
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 _CXX_DTYPE = {"fp32": "float", "bf16": "__nv_bfloat16", "fp16": "__half"}
+_CAP_MODE = {"fp32": 1, "bf16": 2, "fp16": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,40 +41,58 @@ class CudaVariant:
     """One specialisation of a CUDA kernel, as one loss path runs it.
 
     ``kernel`` is the kernel's name and ``template`` its template arguments as ``c++filt`` prints
-    them (``{T}`` stands for the element type); ``rows`` are the rows of logits-sized data moved
-    per vocabulary entry (HBM bytes per element = rows x element size); ``loops`` selects the main
-    loops this path runs, where a kernel has several (None: all of them)."""
+    them (``{T}`` stands for the element type, ``{C}`` for the soft-cap mode the element type gets:
+    2, the table, for bf16/fp16; 1, the math, for fp32); ``rows`` are the rows of logits-sized data
+    moved per vocabulary entry (HBM bytes per element = rows x element size). ``loops`` picks the
+    main loops this path runs where a kernel has several: ``"rows=R"`` keeps those that store
+    128-bit vectors and load R rows per row stored (the backward's plain and KL paths).
+    ``default``: a variant the losses use by default, held to the 1.25x headroom."""
 
     label: str
     path: str
     kernel: str
     template: str
     rows: int
-    loops: tuple[int, ...] | None = None
+    loops: str | None = None
     backward: bool = False
+    default: bool = True
 
 
-# The kernels of csrc/cuda/logprobs_cuda.cu, one entry per loss path (x 3 element types).
+_FWD, _BWD = "logprobs_fwd_kernel", "logprobs_bwd_kernel"
+
+# The kernels of csrc/cuda/logprobs_cuda.cu (x 3 element types): logprobs_fwd_kernel<stats, cap,
+# mode, T> with cap 0 none / 1 math / 2 table and mode 0 policy / 1 + reference / 2 + KL;
+# logprobs_bwd_kernel<cap, kl, T, Args>.
 CUDA_VARIANTS: tuple[CudaVariant, ...] = (
-    CudaVariant("fwd", "token_logprobs", "logprobs_fwd_kernel", "false, false, false, {T}", 1, (0,)),
-    CudaVariant("fwd + ref", "fused_logprobs(ref_logits=)", "logprobs_fwd_kernel", "false, false, false, {T}", 2),
-    CudaVariant("fwd stats", "linear_dpo_loss policy fold", "logprobs_fwd_kernel", "true, false, false, {T}", 1,
-                (0,)),
-    CudaVariant("fwd stats + ref", "dpo_loss", "logprobs_fwd_kernel", "true, false, false, {T}", 2),
-    CudaVariant("fwd cap", "token_logprobs(softcap=), linear ref fold", "logprobs_fwd_kernel",
-                "false, true, false, {T}", 1, (0,)),
-    CudaVariant("fwd stats + cap", "linear_dpo_loss policy fold (softcap)", "logprobs_fwd_kernel",
-                "true, true, false, {T}", 1, (0,)),
-    CudaVariant("fwd stats + cap + ref", "dpo_loss(softcap=)", "logprobs_fwd_kernel", "true, true, false, {T}", 2),
-    # The KL pass re-reads the policy row: at V >= 64k the rows in flight exceed L2, so 3 rows.
-    CudaVariant("fwd stats + KL", "rrpo / tdpo", "logprobs_fwd_kernel", "true, false, true, {T}", 3),
-    CudaVariant("fwd stats + cap + KL", "rrpo / tdpo (softcap)", "logprobs_fwd_kernel", "true, true, true, {T}", 3),
-    CudaVariant("bwd", "every loss", "logprobs_bwd_kernel", "false, {T}, fastdpo::cuda::BwdArgs", 2, None, True),
-    CudaVariant("bwd cap", "softcap", "logprobs_bwd_kernel", "true, {T}, fastdpo::cuda::BwdArgs", 2, None, True),
-    CudaVariant("bwd KL", "rrpo / tdpo", "logprobs_bwd_kernel", "false, {T}, fastdpo::cuda::BwdKLArgs", 3, (0,), True),
-    CudaVariant("bwd cap + KL", "rrpo / tdpo (softcap)", "logprobs_bwd_kernel", "true, {T}, fastdpo::cuda::BwdKLArgs",
-                3, (0,), True),
+    CudaVariant("fwd", "token_logprobs", _FWD, "false, 0, 0, {T}", 1),
+    CudaVariant("fwd + ref", "fused_logprobs(ref_logits=), linear ref fold", _FWD, "false, 0, 1, {T}", 2),
+    CudaVariant("fwd stats", "linear_dpo_loss policy fold", _FWD, "true, 0, 0, {T}", 1),
+    CudaVariant("fwd stats + ref", "dpo_loss", _FWD, "true, 0, 1, {T}", 2),
+    CudaVariant("fwd KL", "fused_logprobs(kl=True)", _FWD, "false, 0, 2, {T}", 2),
+    CudaVariant("fwd stats + KL", "rrpo / tdpo", _FWD, "true, 0, 2, {T}", 2),
+    CudaVariant("fwd cap", "token_logprobs(softcap=)", _FWD, "false, {C}, 0, {T}", 1),
+    CudaVariant("fwd cap + ref", "fused_logprobs(softcap=, ref_logits=)", _FWD, "false, {C}, 1, {T}", 2),
+    CudaVariant("fwd stats + cap", "linear_dpo_loss policy fold (softcap)", _FWD, "true, {C}, 0, {T}", 1),
+    CudaVariant("fwd stats + cap + ref", "dpo_loss(softcap=)", _FWD, "true, {C}, 1, {T}", 2),
+    CudaVariant("fwd cap + KL", "fused_logprobs(softcap=, kl=True)", _FWD, "false, {C}, 2, {T}", 2),
+    CudaVariant("fwd stats + cap + KL", "rrpo / tdpo (softcap)", _FWD, "true, {C}, 2, {T}", 2),
+    CudaVariant("bwd", "every loss", _BWD, "0, false, {T}, fastdpo::cuda::BwdArgs", 2, "rows=1", True),
+    CudaVariant("bwd cap", "softcap", _BWD, "1, false, {T}, fastdpo::cuda::BwdArgs", 2, "rows=1", True),
+    CudaVariant("bwd KL", "rrpo / tdpo", _BWD, "0, true, {T}, fastdpo::cuda::BwdKLArgs", 3, "rows=2", True),
+    CudaVariant("bwd cap + KL", "rrpo / tdpo (softcap)", _BWD, "1, true, {T}, fastdpo::cuda::BwdKLArgs", 3,
+                "rows=2", True),
+    # fp16 with softcap > 56 (a table that would not fit in shared memory) takes the math soft cap.
+    CudaVariant("fwd stats + cap (no table)", "fp16 softcap > 56", _FWD, "true, 1, 0, {T}", 1, default=False),
+    CudaVariant("fwd stats + cap + ref (no table)", "fp16 softcap > 56", _FWD, "true, 1, 1, {T}", 2, default=False),
 )
+
+
+def select_loops(loops: list[sass.Loop], rule: str | None) -> list[sass.Loop]:
+    """The main loops a variant runs (see CudaVariant.loops)."""
+    if rule is None:
+        return loops
+    rows = int(rule.split("=", 1)[1])
+    return [lp for lp in loops if lp.stores.get(16) and lp.loads.get(16) == rows * lp.stores[16]]
 
 
 @dataclasses.dataclass
@@ -90,6 +110,7 @@ class Row:
     threads: int = 0
     warps: int = 0
     error: str | None = None
+    default: bool = True  # held to MIN_HEADROOM
 
     def ceiling(self, gpu: sass.GPU = sass.H100) -> float:
         return self.model.ceilings(gpu)["ceiling"] if self.model else 0.0
@@ -113,6 +134,7 @@ def cuda_library(build: bool = True) -> Path:
     return _build.build_extension("cuda") if build else Path()
 
 
+@functools.lru_cache(maxsize=8)  # a built library never changes (its cache entry is named by its sources)
 def cuda_kernels(lib: str | Path, arch: str = "sm_90") -> dict[str, dict]:
     """Demangled kernel name -> {"mangled", "instrs", "res" (resource usage), "threads" (launch bound)}."""
     text = sass.library_sass(lib, arch)
@@ -134,21 +156,21 @@ def cuda_rows(lib: str | Path | None = None, dtypes=("bf16", "fp16", "fp32"),
               variants: tuple[CudaVariant, ...] = CUDA_VARIANTS) -> list[Row]:
     """One row per (variant, element type) of the CUDA extension."""
     lib = cuda_library() if lib is None else lib
-    kernels = cuda_kernels(lib)
+    kernels = cuda_kernels(lib, "sm_90")
     rows = []
     for dt in dtypes:
         for v in variants:
-            tmpl = v.template.format(T=_CXX_DTYPE[dt])
+            if not v.default and dt == "fp32":
+                continue  # the no-table soft cap is fp32's default one, listed above
+            tmpl = v.template.format(T=_CXX_DTYPE[dt], C=_CAP_MODE[dt])
             key = find_kernel(kernels, v.kernel, tmpl)
-            row = Row("cuda", v.label, v.path, dt, f"{v.kernel}<{tmpl}>", [], None)
+            row = Row("cuda", v.label, v.path, dt, f"{v.kernel}<{tmpl}>", [], None, default=v.default)
             if key is None:
                 row.error = f"kernel {v.kernel}<{tmpl}> not found (or ambiguous) in {lib}"
                 rows.append(row)
                 continue
             k = kernels[key]
-            loops = sass.main_loops(k["instrs"])
-            if v.loops is not None:
-                loops = [loops[i] for i in v.loops if i < len(loops)]
+            loops = select_loops(sass.main_loops(k["instrs"]), v.loops)
             res = k["res"]
             threads = k["threads"] or 256
             prof = sass.KernelProfile(_short(key), loops, res.get("REG", 0), res.get("SHARED", 0), res.get("LOCAL", 0),
@@ -208,6 +230,8 @@ def failures(rows: list[Row], minimum: float = MIN_HEADROOM, gpu: sass.GPU = sas
     """Rows whose tighter ceiling is below ``minimum`` x the memory time (or that failed)."""
     bad = []
     for r in rows:
+        if not r.default:
+            continue
         if r.error or r.model is None:
             bad.append(f"{r.backend} {r.dtype} {r.label}: {r.error or 'no model'}")
         elif r.ceiling(gpu) < minimum:
@@ -228,7 +252,7 @@ def format_table(rows: list[Row]) -> str:
             continue
         m = r.model
         h1, h2 = m.ceilings(sass.H100), m.ceilings(sass.H200)
-        flag = "" if h1["ceiling"] >= MIN_HEADROOM else " **<1.25**"
+        flag = "" if h1["ceiling"] >= MIN_HEADROOM else (" **<1.25**" if r.default else " (not a default path)")
         out.append(
             f"| {r.backend} | {r.dtype} | {r.label} | {r.path} | {m.bytes_per_elem:g} | {m.instr_per_elem:.1f} | "
             f"{m.mufu_per_elem:.2f} | {h1['issue']:.2f}x | {h1['sfu']:.2f}x | {h1['ceiling']:.2f}x ({h1['bound']}){flag} "

@@ -94,13 +94,14 @@ def embedded_ptx(path: str | os.PathLike) -> list[str]:
     return re.findall(r"PTX file\s+\d+:\s*(\S+)", p.stdout)
 
 
-def launch_bounds(path: str | os.PathLike, arch: str = "sm_90") -> dict[str, int]:
-    """``{kernel: max threads per block}`` of the kernels compiled with ``__launch_bounds__`` (the
-    ``EIATTR_MAX_THREADS`` attribute of each kernel's ``.nv.info`` section), for ``arch``."""
+def kernel_attributes(path: str | os.PathLike, arch: str = "sm_90") -> dict[str, dict[str, int]]:
+    """Per kernel, the launch attributes its ELF records (``.nv.info.<kernel>``): ``max_threads``
+    (threads per block, from ``__launch_bounds__``: ``EIATTR_MAX_THREADS``) and ``max_regs`` (the
+    register cap the bounds imply: ``EIATTR_MAXREG_COUNT``), where present."""
     args = [tool("cuobjdump"), "-elf", str(path)]
     if not str(path).endswith(".cubin"):
         args[2:2] = ["-arch", arch]
-    out: dict[str, int] = {}
+    out: dict[str, dict[str, int]] = {}
     func = None
     attr = None
     for line in _run(args).splitlines():
@@ -112,13 +113,22 @@ def launch_bounds(path: str | os.PathLike, arch: str = "sm_90") -> dict[str, int
         if m:
             attr = m.group(1)
             continue
-        if func and attr == "EIATTR_MAX_THREADS":
-            m = re.match(r"\s*Value:\s*(0x[0-9a-f]+)\s+(0x[0-9a-f]+)\s+(0x[0-9a-f]+)", line)
-            if m:
-                x, y, z = (int(v, 16) for v in m.groups())
-                out[func] = x * y * z
-                attr = None
+        if func is None or attr not in ("EIATTR_MAX_THREADS", "EIATTR_MAXREG_COUNT"):
+            continue
+        m = re.match(r"\s*Value:\s*((?:0x[0-9a-f]+\s*)+)$", line)
+        if m:
+            vals = [int(v, 16) for v in m.group(1).split()]
+            if attr == "EIATTR_MAX_THREADS":
+                out.setdefault(func, {})["max_threads"] = vals[0] * vals[1] * vals[2] if len(vals) == 3 else vals[0]
+            else:
+                out.setdefault(func, {})["max_regs"] = vals[0]
+            attr = None
     return out
+
+
+def launch_bounds(path: str | os.PathLike, arch: str = "sm_90") -> dict[str, int]:
+    """``{kernel: max threads per block}`` of the kernels compiled with ``__launch_bounds__``."""
+    return {k: v["max_threads"] for k, v in kernel_attributes(path, arch).items() if "max_threads" in v}
 
 
 def demangle(names: list[str]) -> dict[str, str]:

@@ -530,9 +530,6 @@ def loop_stores_128(v: Variant, c: Compiled) -> bool:
     return all(lp.stores and set(lp.stores) == {16} for lp in loops)
 
 
-HEADROOM = 1.25  # the required ceiling / memory-time ratio of the loss paths at H100 rates
-
-
 def main(argv=None) -> int:
     import argparse
 

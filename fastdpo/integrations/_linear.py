@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from fastdpo import _backends
+from fastdpo import _backends, _validation
 from fastdpo.ops import linear
 from fastdpo.ops.schema import STAT_NAMES
 
@@ -82,21 +82,33 @@ class LinearLogprobsFunction(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         kern = _backends.kernel_module(_backends.Backend(o.backend))
         with _gather_ctx(weight, bias), torch.no_grad(), linear.no_autocast(hidden.device):
+            # Each tile is projected again exactly as in forward (in ``cd``). Under autocast (``cd`` narrower than
+            # the parameters) the tile's logits gradient and the two gradient GEMMs then run in the parameters'
+            # dtype against the parameters themselves: nothing is rounded to ``cd`` but the recomputed logits
+            # (TRL rounds the logits gradient too; rounding the hidden-gradient GEMM's output as well cost accuracy).
             h, w, b = linear.cast(cd, hidden, weight, bias)
-            grads = linear.GradAccumulator(h, w, b, need_h, need_w, need_b)
+            mixed = cd != hidden.dtype
+            gh_src, gw_src, gb_src = (hidden, weight, bias) if mixed else (h, w, b)
+            grads = linear.GradAccumulator(gh_src, gw_src, gb_src, need_h, need_w, need_b)
             g_lp = grad_logp.to(lse.dtype) if grad_logp is not None else torch.zeros_like(lse)
             n = idx.numel()
-            buf = h.new_empty(min(o.rows, n), w.shape[0]) if n else None
-            for i, j in linear.tiles(n, o.rows):
+            # mixed: a cd tile and its fp32 copy in about the bytes of one cd tile of o.rows rows
+            rows = max(1, o.rows // 3) if mixed else o.rows
+            buf = h.new_empty(min(rows, n), w.shape[0]) if n else None
+            buf32 = torch.empty(buf.shape, dtype=hidden.dtype, device=hidden.device) if (n and mixed) else None
+            for i, j in linear.tiles(n, rows):
                 sel = idx[i:j]
                 h_rows = h.index_select(0, sel)
                 x = linear.project(h_rows, w, b, o.scale, buf[: j - i])
+                if mixed:
+                    x = buf32[: j - i].copy_(x)
+                    h_rows = hidden.index_select(0, sel)
                 extra = None
                 if grad_entropy is not None:
                     extra = _entropy_grad(x, lse.index_select(0, sel), entropy.index_select(0, sel),
                                           grad_entropy.float().index_select(0, sel), o.temperature, o.softcap)
                 grads.add_tile(kern, x, g_lp.index_select(0, sel).contiguous(), targets.index_select(0, sel),
-                               lse.index_select(0, sel), h_rows, sel, w, o, extra=extra)
+                               lse.index_select(0, sel), h_rows, sel, gw_src, o, extra=extra)
             gh, gw, gb = grads.result(weight, bias)
         return (
             gh.to(hidden.dtype) if gh is not None else None,
@@ -130,10 +142,9 @@ def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
     unknown = set(outputs) - set(OPTIONAL_OUTPUTS) - {"log_probs"}
     if unknown:
         raise ValueError(f"fastdpo: unknown per-token output(s) {sorted(unknown)}; expected {OPTIONAL_OUTPUTS}")
-    if temperature is None or float(temperature) <= 0:
-        raise ValueError(f"fastdpo: temperature must be > 0, got {temperature!r}")
-    if softcap is not None and float(softcap) <= 0:
-        raise ValueError(f"fastdpo: final_logit_softcapping must be > 0 or None, got {softcap!r}")
+    _validation.check_positive(temperature, "temperature")
+    _validation.check_positive(softcap, "final_logit_softcapping", allow_none=True)
+    _validation.check_finite(logit_scale, "logit_scale")
     return LinearLogprobsFunction.apply(hidden, weight, bias, targets, float(temperature), softcap,
                                         float(logit_scale), outputs, str(backend), int(block_elements),
                                         int(ignore_index))

@@ -30,6 +30,7 @@ import torch
 
 from fastdpo.integrations import _losses
 from fastdpo.integrations._linear import DEFAULT_BLOCK_ELEMENTS, linear_token_logprobs
+from fastdpo.losses.plan import check_reference
 
 __all__ = ["LMHeadTransform", "lm_head_transform", "causal_lm_logprobs", "causal_lm_dpo_loss", "CausalLMLogprobs"]
 
@@ -89,14 +90,14 @@ def _backbone(model):
 
 
 def causal_lm_logprobs(model, input_ids, attention_mask=None, labels=None, *, completion_mask=None,
-                       temperature: float = 1.0, return_stats: bool = False, ignore_index: int = -100,
+                       temperature: float = 1.0, stats: bool = False, ignore_index: int = -100,
                        backend: str = "auto", block_elements: int = DEFAULT_BLOCK_ELEMENTS, **model_kwargs):
     """Per-token log-probs of a causal LM for the next-token labels, ``[B, T-1]`` float32.
 
     Equals ``log_softmax(model(input_ids, attention_mask).logits[:, :-1] / temperature)`` gathered at
     ``labels[:, 1:]`` (0 where the label is ``ignore_index``), with gradients to every parameter, computed from
     the backbone's last hidden state and the LM head without the ``[B, T, V]`` logits. Only the scored
-    positions go through the head. With ``return_stats`` returns :class:`CausalLMLogprobs`.
+    positions go through the head. With ``stats`` returns :class:`CausalLMLogprobs`.
     ``model_kwargs`` go to the backbone (e.g. ``position_ids``).
     """
     labels = _labels(input_ids, labels, completion_mask, attention_mask, ignore_index)
@@ -109,7 +110,7 @@ def causal_lm_logprobs(model, input_ids, attention_mask=None, labels=None, *, co
     hidden = hidden[:, :-1]
     y = labels[:, 1:].to(hidden.device)
     mask = y != ignore_index
-    outputs = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1") if return_stats else ("log_probs",)
+    outputs = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1") if stats else ("log_probs",)
     weight, bias = head.weight, getattr(head, "bias", None)
     res = linear_token_logprobs(hidden[mask].to(weight.device), weight, y[mask].to(weight.device), bias=bias,
                                 temperature=temperature, softcap=transform.softcap, logit_scale=transform.logit_scale,
@@ -123,7 +124,7 @@ def causal_lm_logprobs(model, input_ids, attention_mask=None, labels=None, *, co
         return None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
 
     logps = scatter(logp)
-    if not return_stats:
+    if not stats:
         return logps
     return CausalLMLogprobs(logps, scatter(entropy), scatter(is_top1.float()), scatter(mean_logits), scatter(lssp))
 
@@ -138,7 +139,8 @@ def causal_lm_dpo_loss(model, batch: dict, *, ref_model=None, ref_logps: torch.T
     (``-100`` on prompt and padding) or ``completion_mask``; other keys go to the backbone. The reference is
     ``ref_model`` (run without gradient on the same batch; a PEFT model's base is ``model`` with its adapter
     disabled, e.g. ``with model.disable_adapter(): ...``), ``ref_logps`` (``[2B]`` precomputed sequence
-    log-probs) or absent (reference-free). ``loss_options`` are those of :func:`fastdpo.dpo_loss`
+    log-probs) or absent: reference-free, which a reference-anchored loss needs asked for with
+    ``reference_free=True``. ``loss_options`` are those of :func:`fastdpo.dpo_loss`
     (``loss_type``, ``beta``, ``label_smoothing``, ``loss_weights``, ``ld_alpha``, ``use_weighting``, ...);
     ``token_weights`` are shaped like the shifted labels ``[2B, T-1]``.
 
@@ -151,9 +153,12 @@ def causal_lm_dpo_loss(model, batch: dict, *, ref_model=None, ref_logps: torch.T
                      ignore_index)
     if ref_model is not None and ref_logps is not None:
         raise ValueError("fastdpo: pass ref_model or ref_logps, not both")
+    # before running the model: a reference-anchored loss needs a reference (or reference_free=True)
+    check_reference(_losses.check_loss_options(**loss_options), ref_model is not None or ref_logps is not None,
+                    ways="ref_model (the reference model) or ref_logps (precomputed [2B] sequence log-probs)")
     common = dict(temperature=temperature, ignore_index=ignore_index, backend=backend,
                   block_elements=block_elements, **batch)
-    pol = causal_lm_logprobs(model, input_ids, attention_mask, labels, return_stats=True, **common)
+    pol = causal_lm_logprobs(model, input_ids, attention_mask, labels, stats=True, **common)
     ref_tok = None
     if ref_model is not None:
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Calls into the ``fastdpo::logprobs_*`` ops, shared by the native backends
+"""Calls into the ``fastdpo::`` ops, shared by the native backends
 (``cpu`` and ``cuda`` register implementations of the same ops per device)."""
 
 from __future__ import annotations
@@ -17,3 +17,7 @@ def logprobs_bwd(grad_logp, logits, labels, lse, ignore_index, temperature, soft
         torch.ops.fastdpo.logprobs_bwd_(*args)
         return logits
     return torch.ops.fastdpo.logprobs_bwd(*args)
+
+
+def segment_sum(values, offsets):
+    return torch.ops.fastdpo.segment_sum(values, offsets)

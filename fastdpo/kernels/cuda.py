@@ -7,6 +7,9 @@ import torch
 
 from fastdpo import _build
 from fastdpo.kernels._native import logprobs_bwd, logprobs_fwd  # noqa: F401  (the kernel contract)
+# Per-sequence sums of packed batches ([tokens] floats, not the vocabulary pass): torch's segmented
+# reduction on CUDA (deterministic), shared with the torch backend.
+from fastdpo.kernels.reference import segment_sum  # noqa: F401  (the kernel contract)
 
 
 def unavailable_reason(device: torch.device) -> str | None:

@@ -1,7 +1,11 @@
 """Plain-torch reference of the fused log-prob ops: the oracle for every backend.
 
-Readable rather than fast, and row-chunked so it never needs O(B*T*V) extra
-memory: each chunk of rows is upcast, transformed and reduced on its own.
+Written with plain torch ops and bounded memory: the rows are processed a block
+at a time (:data:`_CHUNK_ELEMS` elements), in place in a few workspaces made once
+per call and reused by every block, so no ``[N, V]`` temporary is ever made
+(freshly allocated buffers of that size cost more in page faults than the
+arithmetic). Only the backward's output is ``[N, V]``; the forward's
+``log_softmax`` is the same fused op a naive implementation uses.
 
 Per token row with logits x and label y (c = soft cap, T = temperature)::
 
@@ -26,7 +30,9 @@ from __future__ import annotations
 
 import torch
 
-# Upcast at most this many elements at a time (64 MiB of float32).
+# Elements per block of rows (64 MiB of float32 per workspace). Every op over a block is one
+# parallel region; blocks this large keep their number small, which matters most on a busy
+# machine (where smaller, cache-resident blocks lose far more to thread synchronisation).
 _CHUNK_ELEMS = 1 << 24
 
 
@@ -38,49 +44,85 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _row_chunks(B: int, T: int, V: int):
-    step = max(1, _CHUNK_ELEMS // max(V, 1))
-    for b in range(B):
-        for t0 in range(0, T, step):
-            yield b, slice(t0, min(T, t0 + step))
-
-
 def _capped(x: torch.Tensor, softcap: float) -> torch.Tensor:
     return softcap * torch.tanh(x / softcap) if softcap > 0 else x
 
 
-def _transformed(x, temperature, softcap):
-    return _capped(x.to(_acc_dtype(x.dtype)), softcap) / temperature
+def _flat(t: torch.Tensor | None) -> bool:
+    """Whether the rows of a [B, T, V] tensor form one [B*T, V] view."""
+    return t is None or t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1)
 
 
-def _chunk_fwd(x, y, ignore_index, temperature, softcap, stats):
-    """Log-probs (and stats) of one chunk of rows x [n, V] with labels y [n]."""
-    z = _transformed(x, temperature, softcap)
-    acc = z.dtype
-    valid = y != ignore_index
+def _blocks(tensors, B: int, T: int, V: int) -> list[tuple[int, int]]:
+    """Flat row ranges ``(r0, r1)`` of at most ``_CHUNK_ELEMS`` elements; within one batch row
+    when some tensor's rows do not form one view."""
+    step = max(1, _CHUNK_ELEMS // max(V, 1))
+    flat = True
+    for t in tensors:
+        flat = flat and _flat(t)
+    spans = [(0, B * T)] if flat else [(b * T, (b + 1) * T) for b in range(B)]
+    return [(r0, min(hi, r0 + step)) for lo, hi in spans for r0 in range(lo, hi, step)]
+
+
+def _rows(t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """Rows r0:r1 (flat [B*T] numbering) of a [B, T, V] tensor as an [n, V] view."""
+    B, T, V = t.shape
+    if _flat(t):
+        return t.view(B * T, V)[r0:r1] if t.stride(0) == T * t.stride(1) else t[0, r0:r1]
+    return t[r0 // T, r0 % T : r0 % T + (r1 - r0)]
+
+
+class _Workspace:
+    """[rows, V] buffers in the accumulation dtype, made on first use and reused by every block."""
+
+    def __init__(self, rows: int, V: int, dtype: torch.dtype, device: torch.device):
+        self.shape, self.dtype, self.device = (rows, V), dtype, device
+        self.bufs: dict[int, torch.Tensor] = {}
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        buf = self.bufs.get(i)
+        if buf is None:
+            buf = self.bufs[i] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return buf
+
+
+def _transformed(x: torch.Tensor, temperature: float, softcap: float, acc, ws: _Workspace, i: int) -> torch.Tensor:
+    """``s(x) / T`` of a block in the accumulation dtype: ``x`` itself when there is nothing to do,
+    else computed into workspace ``i``."""
+    if x.dtype == acc and softcap == 0 and temperature == 1:
+        return x
+    z = ws[i][: x.shape[0]]
+    z.copy_(x)
+    if softcap > 0:
+        z.div_(softcap).tanh_().mul_(softcap)
+    if temperature != 1:
+        z.div_(temperature)
+    return z
+
+
+def _block_fwd(z, y, valid, stats, ws, first):
+    """Log-probs, log-sum-exp (and stats) of one block of transformed rows z [n, V]; the block's
+    log-softmax is left in workspace ``first`` (workspace 2 is scratch for the stats)."""
+    n = z.shape[0]
     safe_y = torch.where(valid, y, 0).unsqueeze(-1)
-    lse = torch.logsumexp(z, dim=-1)
-    logp = torch.where(valid, z.gather(-1, safe_y).squeeze(-1) - lse, 0.0)
+    lsm = torch.log_softmax(z, -1, out=ws[first][:n])
+    logp_y = lsm.gather(-1, safe_y).squeeze(-1)
+    lse = z.gather(-1, safe_y).squeeze(-1) - logp_y  # log-sum-exp, as z_y - log p_y
+    bad = ~torch.isfinite(lse)  # an infinite label logit: take it the long way
+    if torch.compiler.is_compiling() or bool(bad.any()):  # (no data-dependent branch in a traced graph)
+        lse = torch.where(bad, torch.logsumexp(z, -1), lse)
+    logp = torch.where(valid, logp_y, 0.0)
     st = None
     if stats:
-        logp_all = z - lse.unsqueeze(-1)
-        p = logp_all.exp()
-        entropy = -torch.where(p > 0, p * logp_all, 0.0).sum(-1)
-        hit = (z.argmax(-1) == y).to(acc)
+        p = torch.exp(lsm, out=ws[2][:n])
+        log_sum_p2 = 2 * torch.linalg.vector_norm(p, dim=-1).log()
+        # -sum p log p, with 0 log 0 = 0 (the NaN of 0 * -inf), in place of p
+        entropy = -p.mul_(lsm).nan_to_num_(0.0, float("inf"), float("-inf")).sum(-1)
+        hit = (z.argmax(-1) == y).to(z.dtype)  # the first maximum
         mean_logit = z.mean(-1)
-        log_sum_p2 = torch.logsumexp(2 * logp_all, dim=-1)
         st = torch.stack([entropy, hit, mean_logit, log_sum_p2], dim=-1)
         st = torch.where(valid.unsqueeze(-1), st, 0.0)
     return logp, torch.where(valid, lse, 0.0), st
-
-
-def _chunk_kl(x, r, valid, temperature, softcap):
-    """KL(q || p) per row of one chunk (policy rows x, reference rows r), 0 where not valid."""
-    logp_all = torch.log_softmax(_transformed(x, temperature, softcap), dim=-1)
-    logq_all = torch.log_softmax(_transformed(r, temperature, softcap), dim=-1)
-    q = logq_all.exp()
-    kl = torch.where(q > 0, q * (logq_all - logp_all), 0.0).sum(-1)
-    return torch.where(valid, kl, 0.0)
 
 
 @torch.no_grad()
@@ -89,25 +131,41 @@ def logprobs_fwd(logits, labels, ref_logits, ignore_index, temperature, softcap,
         raise ValueError("fastdpo: kl=True needs ref_logits")
     B, T, V = logits.shape
     acc = _acc_dtype(logits.dtype)
-    logp = torch.zeros(B, T, dtype=acc, device=logits.device)
+    dev = logits.device
+    logp = torch.zeros(B * T, dtype=acc, device=dev)
     lse = torch.zeros_like(logp)
     ref_logp = torch.zeros_like(logp) if ref_logits is not None else logp.new_empty(0)
-    st = torch.zeros(B, T, 4, dtype=acc, device=logits.device) if stats else logp.new_empty(0)
+    st = torch.zeros(B * T, 4, dtype=acc, device=dev) if stats else logp.new_empty(0)
     kl_out = torch.zeros_like(logp) if kl else logp.new_empty(0)
     ref_lse = torch.zeros_like(logp) if kl else logp.new_empty(0)
-    for b, ts in _row_chunks(B, T, V):
-        y = labels[b, ts]
-        lp, ls, s = _chunk_fwd(logits[b, ts], y, ignore_index, temperature, softcap, stats)
-        logp[b, ts], lse[b, ts] = lp, ls
+    rows = max(1, min(B * T, _CHUNK_ELEMS // max(V, 1)))
+    # 0: policy z, 1: policy log-softmax, 2: scratch (probabilities), 4: reference z, 5: reference log-softmax
+    ws = _Workspace(rows, V, acc, dev)
+    flat_labels = labels.reshape(B * T)
+    for r0, r1 in _blocks((logits, ref_logits), B, T, V):
+        y = flat_labels[r0:r1]
+        valid = y != ignore_index
+        z = _transformed(_rows(logits, r0, r1), temperature, softcap, acc, ws, 0)
+        lp, ls, s = _block_fwd(z, y, valid, stats, ws, 1)
+        logp[r0:r1], lse[r0:r1] = lp, ls
         if stats:
-            st[b, ts] = s
+            st[r0:r1] = s
         if ref_logits is not None:
-            rlp, rls, _ = _chunk_fwd(ref_logits[b, ts], y, ignore_index, temperature, softcap, False)
-            ref_logp[b, ts] = rlp
+            zr = _transformed(_rows(ref_logits, r0, r1), temperature, softcap, acc, ws, 4)
+            lpr, lsr, _ = _block_fwd(zr, y, valid, False, ws, 5)
+            ref_logp[r0:r1] = lpr
             if kl:
-                ref_lse[b, ts] = rls
-                kl_out[b, ts] = _chunk_kl(logits[b, ts], ref_logits[b, ts], y != ignore_index, temperature, softcap)
-    return logp, lse, ref_logp, st, kl_out, ref_lse
+                ref_lse[r0:r1] = lsr
+                n = r1 - r0
+                lsm, lsq = ws[1][:n], ws[5][:n]
+                q = torch.exp(lsq, out=ws[2][:n])
+                # q (log q - log p), 0 where q = 0 (the NaN of 0 * -inf), +inf where only p = 0; in place of log q
+                terms = lsq.sub_(lsm).mul_(q).nan_to_num_(0.0, float("inf"), float("-inf"))
+                kl_out[r0:r1] = torch.where(valid, terms.sum(-1), 0.0)
+    shape = (B, T)
+    return (logp.view(shape), lse.view(shape), ref_logp.view(shape) if ref_logits is not None else ref_logp,
+            st.view(B, T, 4) if stats else st, kl_out.view(shape) if kl else kl_out,
+            ref_lse.view(shape) if kl else ref_lse)
 
 
 @torch.no_grad()
@@ -117,26 +175,61 @@ def logprobs_bwd(grad_logp, logits, labels, lse, ignore_index, temperature, soft
         raise ValueError("fastdpo: grad_kl needs ref_logits and ref_lse")
     B, T, V = logits.shape
     acc = _acc_dtype(logits.dtype)
-    out = logits if inplace else torch.empty(B, T, V, dtype=logits.dtype, device=logits.device)
-    for b, ts in _row_chunks(B, T, V):
-        x = logits[b, ts].to(acc)
-        y = labels[b, ts]
+    dev = logits.device
+    out = logits if inplace else torch.empty(B, T, V, dtype=logits.dtype, device=dev)
+    rows = max(1, min(B * T, _CHUNK_ELEMS // max(V, 1)))
+    direct = logits.dtype == acc  # the gradient is formed in the output itself
+    # 0: tanh(x / c) then dz/dx (soft cap), 1: the gradient (unless direct), 2: reference probabilities
+    ws = _Workspace(rows, V, acc, dev)
+    flat_labels, flat_lse = labels.reshape(B * T), lse.reshape(B * T)
+    flat_g = grad_logp.reshape(B * T)
+    flat_gk = grad_kl.reshape(B * T) if grad_kl is not None else None
+    flat_ref_lse = ref_lse.reshape(B * T) if grad_kl is not None else None
+    for r0, r1 in _blocks((logits, ref_logits, out), B, T, V):
+        n = r1 - r0
+        x, o = _rows(logits, r0, r1), _rows(out, r0, r1)
+        y = flat_labels[r0:r1]
         valid = y != ignore_index
-        g = torch.where(valid, grad_logp[b, ts].to(acc), 0.0).unsqueeze(-1)
-        gk = torch.where(valid, grad_kl[b, ts].to(acc), 0.0).unsqueeze(-1) if grad_kl is not None else None
+        g = torch.where(valid, flat_g[r0:r1].to(acc), 0.0).unsqueeze(-1)
+        gk = torch.where(valid, flat_gk[r0:r1].to(acc), 0.0).unsqueeze(-1) if flat_gk is not None else None
+        grad = o if direct else ws[1][:n]
+        lse_col = flat_lse[r0:r1].unsqueeze(-1)
+        if gk is not None:  # before the policy rows are overwritten (the reference may alias them)
+            qbuf = ws[2][:n]
+            zr = _transformed(_rows(ref_logits, r0, r1), temperature, softcap, acc, ws, 2)
+            q = torch.sub(zr, flat_ref_lse[r0:r1].unsqueeze(-1), out=qbuf).exp_()
+        dzdx = 1.0 / temperature
         if softcap > 0:
-            th = torch.tanh(x / softcap)
-            dzdx = (1 - th * th) / temperature
-            z = softcap * th / temperature
+            th = ws[0][:n].copy_(x).div_(softcap).tanh_()
+            p = torch.mul(th, softcap, out=grad).div_(temperature).sub_(lse_col).exp_()  # softmax(z)
+            dzdx = th.square_().neg_().add_(1.0).div_(temperature)
+        elif x.dtype != acc or temperature != 1:
+            z = grad.copy_(x).div_(temperature) if temperature != 1 else grad.copy_(x)
+            p = z.sub_(lse_col).exp_()
         else:
-            dzdx = 1.0 / temperature
-            z = x / temperature
-        p = torch.exp(z - lse[b, ts].unsqueeze(-1))
-        onehot = torch.zeros_like(p).scatter_(-1, torch.where(valid, y, 0).unsqueeze(-1), 1.0)
+            p = torch.sub(x, lse_col, out=grad).exp_()
         if gk is None:
-            grad = torch.where(g != 0, g * (onehot - p) * dzdx, 0.0)
+            p.mul_(-g)
+            keep = g != 0
         else:
-            q = torch.exp(_transformed(ref_logits[b, ts], temperature, softcap) - ref_lse[b, ts].unsqueeze(-1))
-            grad = torch.where((g != 0) | (gk != 0), (g * (onehot - p) + gk * (p - q)) * dzdx, 0.0)
-        out[b, ts] = grad.to(logits.dtype)
+            p.mul_(gk - g).addcmul_(q, gk, value=-1.0)
+            keep = (g != 0) | (gk != 0)
+        p.scatter_add_(-1, torch.where(valid, y, 0).unsqueeze(-1), g)
+        if softcap > 0 or temperature != 1:
+            p.mul_(dzdx)
+        p.masked_fill_(~keep, 0.0)  # rows without upstream gradient are exactly 0 (whatever the logits hold)
+        if not direct:
+            o.copy_(p)
     return out
+
+
+@torch.no_grad()
+def segment_sum(values, offsets):
+    """``out[k] = sum(values[offsets[k]:offsets[k+1]])`` in the accumulation dtype (packed batches).
+
+    ``torch.segment_reduce`` reduces each segment on its own in a fixed order (a serial loop on CPU,
+    CUB's segmented reduction on CUDA): the same answer every run, no atomics. ``offsets`` are
+    validated by the caller (non-decreasing, within ``values``), so its own check (a device sync)
+    is skipped."""
+    acc = _acc_dtype(values.dtype)
+    return torch.segment_reduce(values.to(acc), "sum", offsets=offsets, axis=0, unsafe=True, initial=0)

@@ -16,7 +16,6 @@ from typing import Optional
 
 import torch
 
-from fastdpo import _validation
 from fastdpo.kernels._device import on_input_device
 
 _ops = None
@@ -337,33 +336,19 @@ def tile_grad_(tile, labels, v_offset: int, lse, grad, temperature: float = 1.0,
     return tile
 
 
-def _segment_offsets(seq_index: torch.Tensor, num_segments: int) -> torch.Tensor:
-    if seq_index.numel() > 1:
-        _validation.require((seq_index[1:] >= seq_index[:-1]).all(),
-                            "fastdpo: seq_index must be non-decreasing (tokens of one sequence packed together)")
-    bounds = torch.arange(num_segments + 1, device=seq_index.device, dtype=seq_index.dtype)
-    return torch.searchsorted(seq_index, bounds)
-
-
-def segment_sum_torch(values: torch.Tensor, seq_index: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """Torch fallback of :func:`segment_sum` (same contract): per-segment sums of
-    contiguous slices, in a fixed order."""
-    off = _segment_offsets(seq_index, num_segments).tolist()
-    return torch.stack([values[a:b].float().sum() for a, b in zip(off[:-1], off[1:])]) if num_segments else \
-        values.new_zeros(0, dtype=torch.float32)
-
-
 @on_input_device
-def segment_sum(values: torch.Tensor, seq_index: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """Per-sequence sums of per-token values for packed (padding-free) batches:
-    ``out[k] = sum(values[seq_index == k])`` with ``seq_index`` non-decreasing.
-    Deterministic: one program per segment sums its slice block by block in order."""
+def segment_sum(values, offsets):
+    """Per-sequence sums of per-token values for packed (padding-free) batches (the kernel contract):
+    ``out[k] = sum(values[offsets[k]:offsets[k+1]])``, float32, ``offsets`` int64 ``[S + 1]``
+    non-decreasing within ``values`` (validated by the caller). Deterministic: one program per
+    segment sums its slice block by block in order."""
     from fastdpo.kernels import triton_logprobs as k
 
-    out = torch.zeros(num_segments, dtype=torch.float32, device=values.device)
-    if num_segments == 0:
-        return out
-    off = _segment_offsets(seq_index, num_segments)
-    _launch(values.contiguous(), off, out, kernel=k.segment_sum_kernel, grid=(num_segments,), meta=dict(BLOCK=1024),
-            wrap=False)
+    if values.dtype == torch.float64:
+        raise TypeError("fastdpo: the triton backend takes float32, bfloat16 or float16 values, got float64")
+    S = offsets.shape[0] - 1
+    out = torch.zeros(S, dtype=torch.float32, device=values.device)
+    if S > 0:
+        _launch(values.contiguous(), offsets, out, kernel=k.segment_sum_kernel, grid=(S,), meta=dict(BLOCK=1024),
+                wrap=False)
     return out

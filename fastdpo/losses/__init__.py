@@ -13,6 +13,7 @@ from fastdpo.losses.registry import (
     get_loss,
     register_loss,
 )
+from fastdpo.losses.sequences import sequence_sums
 from fastdpo.losses.unpaired import BCOLoss, RunningMean
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "get_loss",
     "linear_dpo_loss",
     "register_loss",
+    "sequence_sums",
 ]

@@ -87,7 +87,7 @@ def _evaluate(tok: FusedLogprobs, layout, *, ref_logps, plan: LossPlan, ld_alpha
             "the reference over the vocabulary, which per-token log-probs do not carry; use fastdpo.dpo_loss with "
             "ref_logits (or linear_dpo_loss with ref_hidden)")
     s = sequence_stats(tok, layout, ref_logps=ref_logps, ld_alpha=ld_alpha, token_weights=token_weights,
-                       num_blocks=K, desirable=desirable)
+                       num_blocks=K, desirable=desirable, average_log_prob=plan.average_log_prob)
     s.scores = f_divergence_scores(s.logratios, plan.common["f_divergence_type"], plan.common["f_alpha_divergence_coef"])
     wpo = wpo_weights(tok, layout, s.n_tokens, K) if use_weighting else None
 
@@ -137,15 +137,19 @@ def _by_desirability(desirable: torch.Tensor, n_desirable: int | None):
 
 def run(tok_fn, labels, n, have_ref_tokens, *, ref_logps, loss_type, beta, label_smoothing, loss_weights,
         f_divergence_type, f_alpha_divergence_coef, ld_alpha, use_weighting, discopop_tau, ignore_index,
-        token_weights, pair_weights, desirable, variant_options, diagnostics=False) -> DPOOutput:
+        token_weights, pair_weights, desirable, variant_options, average_log_prob=False,
+        diagnostics=False, layout=None, reference_free=False) -> DPOOutput:
     """Plan the options, check the batch, get the per-token outputs from ``tok_fn(kl: bool)`` and
-    evaluate the loss on the padded ``[N, T]`` layout of ``labels``."""
+    evaluate the loss on ``layout`` (default: the padded ``[N, T]`` layout of ``labels``); ``n`` is
+    the number of sequences."""
     plan = make_plan(loss_type, loss_weights, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
-                     ld_alpha, use_weighting, discopop_tau, variant_options)
+                     ld_alpha, use_weighting, discopop_tau, variant_options, average_log_prob=average_log_prob,
+                     reference_free=reference_free)
     _validation.check_int(ignore_index, "ignore_index")
     _diagnostics.check_flag(diagnostics)
     check_batch(plan, n, desirable, ref_logps, have_ref_tokens, pair_weights, token_weights, labels)
     tok = tok_fn(plan.token_kl)
-    return loss_from_tokens(tok, PaddedLayout(labels, ignore_index), ref_logps=ref_logps, plan=plan,
+    layout = PaddedLayout(labels, ignore_index) if layout is None else layout
+    return loss_from_tokens(tok, layout, ref_logps=ref_logps, plan=plan,
                             ld_alpha=ld_alpha, use_weighting=use_weighting, token_weights=token_weights,
                             pair_weights=pair_weights, desirable=desirable, diagnostics=diagnostics)

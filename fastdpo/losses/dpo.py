@@ -38,7 +38,7 @@ def _check_exo(cfg):
 
 def _check_cdpo(cfg):
     if cfg.cdpo and not (0.0 <= cfg.label_smoothing <= 0.5):
-        raise ValueError(f"fastdpo: cDPO label_smoothing must lie in [0, 0.5], got {cfg.label_smoothing}")
+        raise ValueError(f"fastdpo: cDPO label_smoothing must be >= 0 and <= 0.5, got {cfg.label_smoothing}")
 
 
 @register_loss("sigmoid", f_divergence=True, defaults={"cdpo": False}, validate=_check_cdpo)
@@ -62,7 +62,7 @@ def hinge(s, cfg):
 def ipo(s, cfg):
     r"""IPO (Azar et al. 2023, arXiv:2310.12036, Eq. 17) on length-normalised scores:
     :math:`(s_w/|y_w| - s_l/|y_l| - 1/(2\beta))^2` (``beta`` is the paper's :math:`\tau`)."""
-    d = s.chosen_scores / s.chosen_tokens.clamp(min=1.0) - s.rejected_scores / s.rejected_tokens.clamp(min=1.0)
+    d = s.per_token(s.chosen_scores, 0) - s.per_token(s.rejected_scores, 1)
     return (d - 1 / (2 * cfg.beta)) ** 2
 
 
@@ -156,12 +156,15 @@ def discopop(s, cfg):
 @register_loss("sft", reference="unused", f_divergence=True)
 def sft(s, cfg):
     r"""Supervised fine-tuning on the chosen responses: token-mean NLL
-    :math:`-\sum_t \log\pi(y_{w,t}) / \sum |y_w|` (a batch scalar; combine with other losses via a list)."""
-    return s.nll(0)
+    :math:`-\sum_t \log\pi(y_{w,t}) / \sum |y_w|` (a batch scalar; combine with other losses via a list).
+    Logs it as ``nll_loss``."""
+    nll = s.nll(0)
+    s.metrics["nll_loss"] = nll
+    return nll
 
 
 @register_loss("sigmoid_norm", f_divergence=True)
 def sigmoid_norm(s, cfg):
     r"""Length-normalised DPO (as in TRL): :math:`-\log\sigma(\beta(s_w/|y_w| - s_l/|y_l|))`."""
-    d = s.chosen_scores / s.chosen_tokens.clamp(min=1.0) - s.rejected_scores / s.rejected_tokens.clamp(min=1.0)
+    d = s.per_token(s.chosen_scores, 0) - s.per_token(s.rejected_scores, 1)
     return -F.logsigmoid(cfg.beta * d)

@@ -39,7 +39,8 @@ class SequenceStats:
     with ``token_kl=True``) is each sequence's sum over its response tokens of the
     full-vocabulary ``KL(pi_ref(.|x, y_<t) || pi(.|x, y_<t))``, from the same kernel
     pass (not weighted by ``token_weights`` / ``ld_alpha``). Objectives may add
-    entries to ``metrics``.
+    entries to ``metrics``. ``length_averaged`` (``average_log_prob=True``): ``logps`` and
+    ``ref_logps`` are already per-token means, so length-normalising objectives use them as they are.
     """
 
     logps: torch.Tensor
@@ -51,6 +52,7 @@ class SequenceStats:
     scores: torch.Tensor | None = None  # f-divergence transform of logratios (set by the caller)
     metrics: dict = dataclasses.field(default_factory=dict)
     kl: torch.Tensor | None = None
+    length_averaged: bool = False
 
     def block(self, x: torch.Tensor | None, i: int) -> torch.Tensor | None:
         return None if x is None else x.chunk(self.num_blocks, dim=0)[i]
@@ -66,8 +68,16 @@ class SequenceStats:
 
     @property
     def mean_logps(self) -> torch.Tensor:
-        """Length-normalised policy log-probs ``logps / max(n_tokens, 1)``."""
-        return self.logps / self.n_tokens.clamp(min=1.0)
+        """Length-normalised policy log-probs ``logps / max(n_tokens, 1)`` (``logps`` when already averaged)."""
+        return self.per_token(self.logps)
+
+    def per_token(self, x: torch.Tensor, block: int | None = None) -> torch.Tensor:
+        """A per-sequence sum ``x`` (of all sequences, or of one block) divided by its sequences' token counts;
+        ``x`` itself when the sequence log-probs are already per-token means (``length_averaged``)."""
+        if self.length_averaged:
+            return x
+        n = self.n_tokens if block is None else self.block(self.n_tokens, block)
+        return x / n.clamp(min=1.0)
 
     chosen_logps = property(lambda s: s.block(s.logps, 0))
     rejected_logps = property(lambda s: s.block(s.logps, 1))

@@ -37,6 +37,7 @@ from fastdpo import _backends, _validation
 from fastdpo._backends import Backend
 from fastdpo.ops.logprobs import FusedLogprobs, _resolve
 from fastdpo.ops.schema import NUM_STATS
+from fastdpo.ops.segments import host_to_device
 
 STRATEGIES = ("auto", "recompute", "grad_in_forward")
 
@@ -345,12 +346,13 @@ def _check_inputs(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias
 
 def prepare(hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=None, ref_bias=None,
             ignore_index=-100, temperature=1.0, softcap=None, logit_scale=1.0, memory_budget=None,
-            backend="auto", kl=False):
+            backend="auto", kl=False, cu_seqlens: list[int] | None = None):
     """Validate the inputs of the fused-linear path and fix its options.
 
     Returns ``(h [M, H], y [M], rh, ref_weight, ref_bias, idx, opts)``: flattened tokens, the
     indices of the tokens that count and the tile options, whose ``counts`` (tokens that count per
-    row of ``labels``) are the one host synchronisation of the fused-linear path. With ``kl`` a tile
+    row of ``labels``, or per packed sequence with ``cu_seqlens``: validated host offsets of the
+    flattened tokens) are the one host synchronisation of the fused-linear path. With ``kl`` a tile
     holds policy and reference logits side by side, so it has half the rows.
     """
     if kl and ref_hidden is None:
@@ -378,8 +380,13 @@ def prepare(hidden, weight, labels, *, bias=None, ref_hidden=None, ref_weight=No
             ref_weight, ref_bias = weight, bias
         ref_weight = ref_weight.detach()
         ref_bias = ref_bias.detach() if ref_bias is not None else None
-    rows_of_labels = labels.reshape(labels.shape[:-1].numel(), labels.shape[-1]) if labels.dim() else labels.view(1, 1)
-    counts = tuple((rows_of_labels != ignore_index).sum(1).tolist())
+    if cu_seqlens is None:
+        rows_of_labels = labels.reshape(labels.shape[:-1].numel(), labels.shape[-1]) if labels.dim() else labels.view(1, 1)
+        counts = tuple((rows_of_labels != ignore_index).sum(1).tolist())
+    else:  # packed: counted tokens before each sequence end, differenced on the host
+        ends = host_to_device([c - 1 for c in cu_seqlens[1:]], y.device)
+        below = (y != ignore_index).cumsum(0).index_select(0, ends).tolist()
+        counts = tuple(b - a for a, b in zip([0] + below[:-1], below))
     idx = counted_index(y, ignore_index, sum(counts))
     return h, y, ref_hidden, ref_weight, ref_bias, idx, TileOptions(ignore_index, temperature, softcap, logit_scale,
                                                                     backend, rows, counts, cd)
@@ -464,10 +471,13 @@ def group_chunks(counts: list[int], groups: list[list[int]], V: int, elem: int, 
 
 
 @torch.no_grad()
-def linear_grad_in_forward(h, weight, bias, y, rh, rw, rb, o: TileOptions, seq_len: int, chunks: list[list[int]],
+def linear_grad_in_forward(h, weight, bias, y, rh, rw, rb, o: TileOptions, shape, chunks: list[list[int]],
                            coef_fn: Callable[[FusedLogprobs], torch.Tensor],
                            need_h: bool, need_w: bool, need_b: bool) -> GradInForward:
-    """Gradient-in-forward strategy over ``chunks`` (lists of sequence indices, whole groups each).
+    """Gradient-in-forward strategy over ``chunks`` (lists of sequence indices, whole groups each);
+    ``shape``: the token shape of the per-token outputs (the labels'), padded rows or a packed row.
+    A packed ``[chosen; rejected]`` row holds a pair as two separate token ranges: each sequence's
+    counted tokens are one slice of the counted-token index either way.
 
     For each chunk: fold the reference tile, fold the policy tile (kept in the buffer), call
     ``coef_fn(tokens)`` with the per-token outputs so far (later chunks hold zeros) to get
@@ -476,7 +486,6 @@ def linear_grad_in_forward(h, weight, bias, y, rh, rw, rb, o: TileOptions, seq_l
     """
     kern = _backends.kernel_module(Backend(o.backend))
     M = h.shape[0]
-    N = M // seq_len
     cd = o.dtype or h.dtype
     acc = torch.float64 if cd == torch.float64 else torch.float32
     logp = torch.zeros(M, dtype=acc, device=h.device)
@@ -495,7 +504,6 @@ def linear_grad_in_forward(h, weight, bias, y, rh, rw, rb, o: TileOptions, seq_l
     chunk_tok = [torch.cat([idx[start[s] : start[s + 1]] for s in c]) for c in chunks]
     rows = max((t.numel() for t in chunk_tok), default=0)
     buf = h.new_empty(rows, weight.shape[0]) if rows else None
-    shape = (N, seq_len)
     for sel in chunk_tok:
         n = sel.numel()
         if n == 0:

@@ -35,7 +35,7 @@ class FusedLogprobs(NamedTuple):
 
 
 class TokenLogprobs(NamedTuple):
-    """Output of ``token_logprobs(..., return_stats=True)``; every field shaped like ``labels``."""
+    """Output of ``token_logprobs(..., stats=True)``; every field shaped like ``labels``."""
 
     logps: torch.Tensor
     entropy: torch.Tensor
@@ -160,7 +160,7 @@ def token_logprobs(
     temperature: float = 1.0,
     softcap: float | None = None,
     backend: str | Backend = "auto",
-    return_stats: bool = False,
+    stats: bool = False,
     inplace_backward: bool = False,
 ):
     r"""Per-token log-probabilities of ``labels`` under ``logits``, fused and memory-lean.
@@ -178,7 +178,7 @@ def token_logprobs(
         temperature: divide the (soft-capped) logits by this.
         softcap: Gemma-style ``softcap * tanh(x / softcap)`` applied first, or None.
         backend: ``"auto"``, ``"torch"`` (reference), ``"cpu"``, ``"triton"`` or ``"cuda"``.
-        return_stats: also return per-token entropy, whether the label is the
+        stats: also return per-token entropy, whether the label is the
             argmax, the mean over the vocabulary of the soft-capped,
             temperature-scaled logits and ``log sum p^2`` from the same pass.
         inplace_backward: write the gradient into the logits' own storage in
@@ -187,7 +187,7 @@ def token_logprobs(
 
     Returns:
         float32 log-probs shaped like ``labels`` (0.0 at ignored positions),
-        differentiable w.r.t. ``logits``; with ``return_stats`` a
+        differentiable w.r.t. ``logits``; with ``stats`` a
         :class:`TokenLogprobs` tuple.
     """
     out = fused_logprobs(
@@ -196,10 +196,10 @@ def token_logprobs(
         ignore_index=ignore_index,
         temperature=temperature,
         softcap=softcap,
-        stats=return_stats,
+        stats=stats,
         inplace_backward=inplace_backward,
         backend=backend,
     )
-    if not return_stats:
+    if not stats:
         return out.logps
     return TokenLogprobs(out.logps, *out.stats.unbind(-1))

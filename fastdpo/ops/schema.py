@@ -54,6 +54,10 @@ _lib.define(
     "Tensor(a!)? grad_hidden, Tensor(b!)? grad_weight, Tensor(c!)? grad_bias) -> ()"
 )
 
+# Per-sequence sums of packed (padding-free) batches: ``out[k] = sum(values[offsets[k]:offsets[k+1]])``
+# in the accumulation dtype, each segment summed in a fixed order (deterministic, no atomics).
+_lib.define("segment_sum(Tensor values, Tensor offsets) -> Tensor")
+
 
 def _acc(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -92,3 +96,8 @@ def _linear_fwd_fake(hidden, weight, bias, labels, idx, ignore_index, temperatur
 def _linear_bwd_fake(grad_logp, hidden, weight, bias, labels, idx, lse, ignore_index, temperature, softcap, scale,
                      rows, grad_hidden, grad_weight, grad_bias):
     return None
+
+
+@torch.library.register_fake("fastdpo::segment_sum")
+def _segment_sum_fake(values, offsets):
+    return values.new_empty((offsets.shape[0] - 1,), dtype=_acc(values))

@@ -61,10 +61,14 @@ FASTDPO_HD Transform make_transform(float temperature, float softcap) {
 // exp for the arguments these kernels feed it: z - max and z - lse, so
 // x <= ~0, -inf (masked vocabulary) and NaN (propagated). Float uses a
 // branch-free Cody-Waite reduction + degree-6 polynomial (about 2 ulp) that the
-// CPU compiler vectorises; the GPU uses its native exp; double uses std::exp.
+// CPU compiler vectorises; the GPU one MUFU.EX2 (ex2.approx.ftz: relative error
+// below 2^-22, results under 2^-126 flush to 0, which these sums never miss);
+// double uses std::exp.
 FASTDPO_HD float exp_nonpos(float x) {
 #if defined(__CUDA_ARCH__)
-  return __expf(x);
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.44269504088896341f));
+  return y;
 #else
   float t = x * 1.44269504088896341f;   // x * log2(e)
   t = t < -126.0f ? -126.0f : t;          // NaN stays NaN (comparison is false)
@@ -87,17 +91,45 @@ FASTDPO_HD float exp_nonpos(float x) {
 
 FASTDPO_HD double exp_nonpos(double x) { return ::exp(x); }
 
+// 1 / d. The GPU uses one MUFU.RCP (rcp.approx.ftz: about 1 ulp), enough where d is in
+// [1, 2] as in the soft cap below; the CPU divides.
+FASTDPO_HD float fast_rcp(float d) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(d));
+  return y;
+#else
+  return 1.0f / d;
+#endif
+}
+
+FASTDPO_HD double fast_rcp(double d) { return 1.0 / d; }
+
+// 1 / d for d in [1, 2] on the FMA units only: the minimax quadratic for 1/d on [1, 2]
+// (relative error 1/99) and two Newton steps r += r (1 - d r), which square the error:
+// 1e-8 in exact arithmetic, below 1e-7 (1.5 ulp) in float. Used where the kernel would
+// otherwise need more special-function-unit ops than it has time for.
+FASTDPO_HD float rcp_1_2(float d) {
+  float r = (0.32323232f * d - 1.45454545f) * d + 2.12121212f;
+  r = r + r * (1.0f - d * r);
+  return r + r * (1.0f - d * r);
+}
+
 // Soft cap and its derivative from one exp:
 //   e = exp(-2|x|/c), tanh(|x|/c) = (1 - e) / (1 + e),
 //   s = c * tanh(x/c), ds/dx = 1 - tanh^2 = 4e / (1 + e)^2 (no cancellation).
 // Without soft cap: s = x, ds/dx = 1. kCap is a compile-time switch so that
 // vectorised loops contain no branch; softcap_fwd picks it at run time.
+// (tanh.approx.f32, one MUFU op on sm_75+, is not used: its relative error is 2^-10.99,
+// so |dz| <= (c/T) 2^-10.99 |tanh| ~ 3.5e-3 at c = 5, T = 0.7, against the tests' 2e-5
+// (times 1 + |logp|) on the forward outputs. This form costs one MUFU.EX2 and one
+// MUFU.RCP on the GPU with the float accuracy of the CPU's exp and division.)
 template <bool kCap, typename acc_t>
 FASTDPO_HD void softcap_fwd_t(acc_t x, const Transform& t, acc_t& s, acc_t& ds) {
   if (kCap) {
     const acc_t a = x < acc_t(0) ? -x : x;
     const acc_t e = exp_nonpos(acc_t(-2) * a * acc_t(t.inv_softcap));
-    const acc_t inv = acc_t(1) / (acc_t(1) + e);
+    const acc_t inv = fast_rcp(acc_t(1) + e);
     const acc_t th = (acc_t(1) - e) * inv;
     s = acc_t(t.softcap) * (x < acc_t(0) ? -th : th);
     ds = acc_t(4) * e * inv * inv;
@@ -154,8 +186,10 @@ FASTDPO_HD OnlineLSE<acc_t> lse_identity() {
 
 // Merge two partial states (associative; used across chunks, threads, warps).
 // An empty state (m == -inf, e.g. an all-masked chunk) is the identity, so no
-// inf - inf appears; NaN in either state propagates.
-template <typename acc_t>
+// inf - inf appears; NaN in either state propagates. kShiftSz: `sz` is relative to m
+// (the entropy's sum e (z - m)) and shifts when m moves; false for a sum that only rescales
+// (the KL's a: kl_merge).
+template <typename acc_t, bool kShiftSz = true>
 FASTDPO_HD OnlineLSE<acc_t> lse_merge(const OnlineLSE<acc_t>& a, const OnlineLSE<acc_t>& b) {
   if (a.m == -INFINITY) return b;
   if (b.m == -INFINITY) return a;
@@ -165,7 +199,7 @@ FASTDPO_HD OnlineLSE<acc_t> lse_merge(const OnlineLSE<acc_t>& a, const OnlineLSE
   const acc_t da = a.m - r.m, db = b.m - r.m;  // <= 0
   const acc_t fa = exp_nonpos(da), fb = exp_nonpos(db);
   r.s = a.s * fa + b.s * fb;
-  r.sz = fa * (a.sz + a.s * da) + fb * (b.sz + b.s * db);
+  r.sz = kShiftSz ? fa * (a.sz + a.s * da) + fb * (b.sz + b.s * db) : fa * a.sz + fb * b.sz;
   r.s2 = a.s2 * fa * fa + b.s2 * fb * fb;
   return r;
 }
@@ -185,21 +219,31 @@ FASTDPO_HD acc_t lse_log_sum_p2(const OnlineLSE<acc_t>& st) {
   return ::log(st.s2) - acc_t(2) * ::log(st.s);
 }
 
-// Per-token KL(q || p) of the reference distribution q = softmax(z') to the policy p,
-// folded over the reference row once the policy row's max m_p and log s_p (lse = m_p + log s_p)
-// are known: an OnlineLSE over z' whose `sz` field holds
-//   a = sum_v exp(z'_v - m) * ((z'_v - m) - logp_v),  logp_v = (z_v - m_p) - log s_p
-// (it rescales exactly like sz in lse_merge, since a = sz - sum_v exp(z'_v - m) logp_v),
-// gives KL = sum_v q_v (log q_v - logp_v) = a / s - log s. logp_v is formed from m_p and
-// log s_p, not from a rounded lse, so logits ~1e4 lose no accuracy. Terms with q_v = 0 count 0.
+// The KL in one read of both rows. Over the reference row keep s' = sum_v exp(z'_v - m') and
+//   a = sum_v exp(z'_v - m') (z'_v - z_v),
+// which rescale alike when m' moves (z'_v - z_v does not depend on either maximum: kl_merge).
+// Then E_q[z' - z] = a / s' and
+//   KL(q || p) = E_q[z' - z] - (lse' - lse) = a / s' + (m - m') + (log s - log s'),
+// with m, log s the policy row's max and log-sum: no large logit enters a difference, so
+// logits ~1e4 and a KL ~1e-3 keep their accuracy. kl_diff clamps the difference at -max so
+// that a masked reference entry (z' = -inf, weight 0) adds 0 instead of 0 * -inf; a masked
+// policy entry under reference mass gives +inf, as it should.
 template <typename acc_t>
-FASTDPO_HD acc_t kl_term(acc_t e, acc_t d_ref, acc_t z, acc_t m_p, acc_t log_s_p) {
-  return e > acc_t(0) ? e * (d_ref - ((z - m_p) - log_s_p)) : acc_t(0);
+FASTDPO_HD acc_t kl_diff(acc_t zr, acc_t z) {
+  const acc_t d = zr - z;
+  const acc_t lo = -3.402823466e38;
+  return d > lo ? d : lo;  // NaN (both -inf) -> lo as well: its weight is 0
 }
 
 template <typename acc_t>
-FASTDPO_HD acc_t lse_kl(const OnlineLSE<acc_t>& st) {
-  return st.sz / st.s - ::log(st.s);
+FASTDPO_HD acc_t kl_value(acc_t a, acc_t s_r, acc_t m, acc_t log_s, acc_t m_r, acc_t log_s_r) {
+  return a / s_r + (m - m_r) + (log_s - log_s_r);
+}
+
+// Merge of two KL states over the reference row: OnlineLSE whose `sz` holds `a`.
+template <typename acc_t>
+FASTDPO_HD OnlineLSE<acc_t> kl_merge(const OnlineLSE<acc_t>& a, const OnlineLSE<acc_t>& b) {
+  return lse_merge<acc_t, false>(a, b);
 }
 
 // d logp(y) / d x_v = g * (1[v == y] - exp(z_v - lse)) * ds/dx_v / T.
