@@ -53,6 +53,14 @@ def _exercise_every_entry_point():
     ops.logprobs_bwd_triton(grad, x, y, lse, -100, 1.0, 0.0)
     ops.logprobs_bwd_triton(grad, x, y, lse, -100, 1.0, 0.0, grad, r, rlse)
     ops.logprobs_bwd_triton_(grad, x.clone(), y, lse, -100, 1.0, 0.0)
+    # few rows of a larger vocabulary are split over it; the combine kernel merges the parts
+    sms = tk._SM_INTERPRETED
+    tk._SM_INTERPRETED = 132  # the interpreter does not split by default
+    try:
+        ops.logprobs_fwd_triton(torch.randn(1, 2, 5000, generator=g).to(DEV), y[:1, :2].contiguous(), None, -100,
+                                1.0, 0.0, True)
+    finally:
+        tk._SM_INTERPRETED = sms
     tile, yt = x[0].contiguous(), y[0].clamp(min=0)
     m = torch.full((T,), float("-inf"), device=DEV)
     s, zy = torch.zeros(T, device=DEV), torch.zeros(T, device=DEV)

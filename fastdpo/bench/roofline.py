@@ -212,11 +212,10 @@ def triton_rows(all_variants: bool = False) -> tuple[list[Row], str | None]:
         row = Row("triton", label, str(_attr(v, "path", default="")), dt, str(_attr(v, "kernel", default="")), [], None)
         try:
             c = triton_static.compile_variant(v, arch=90)
-            ins = next(iter(sass.parse_sass(c.sass).values()), [])
-            loops = sass.main_loops(ins)
             threads = int(c.num_warps) * 32
-            prof = sass.KernelProfile(row.kernel, loops, int(c.n_regs), int(c.shared), 0, threads)
-            row.loops = [lp.summary() for lp in loops]
+            # the variant's fast-path loops (its kernels also hold loops for rows aligned differently)
+            prof = triton_static.kernel_profile(v, c)
+            row.loops = [lp.summary() for lp in prof.loops]
             row.regs, row.shared, row.threads = prof.regs, prof.shared, threads
             row.warps = sass.resident_warps(prof.regs, prof.shared, threads)
             bpe = float(_attr(v, "bytes_per_element", "hbm_bytes_per_element", "bytes_per_elem", "hbm_bytes"))

@@ -179,6 +179,13 @@ class GradAccumulator:
         return self.h, gw, gb
 
 
+def tile_buffers(like: torch.Tensor, count: int, rows: int, V: int) -> torch.Tensor:
+    """``count`` reusable ``[rows, V]`` logits tiles. The row count is padded to a multiple of 8 so
+    that the reference tile's rows start at the same offset from a 16-byte boundary as the
+    policy's (the GPU kernels read the two rows together with 128-bit loads)."""
+    return like.new_empty(count, -(-rows // 8) * 8 if count > 1 else rows, V)
+
+
 def tiles(n: int, rows: int):
     for i in range(0, n, rows):
         yield i, min(n, i + rows)
@@ -198,7 +205,7 @@ def fold_rows(kern, h, weight, bias, y, idx, o: TileOptions, stats: bool, out_lo
         torch.ops.fastdpo.linear_fwd_(h, weight, bias, y, idx, o.ignore_index, o.temperature, o.softcap, o.scale,
                                       o.rows, out_logp, out_lse, out_stats if stats else None)
         return
-    buf = h.new_empty(2 if kl else 1, min(o.rows, n), weight.shape[0])
+    buf = tile_buffers(h, 2 if kl else 1, min(o.rows, n), weight.shape[0])
     for i, j in tiles(n, o.rows):
         sel = idx[i:j]
         ys = y.index_select(0, sel)
@@ -268,7 +275,7 @@ class _LinearLogprobsFunction(torch.autograd.Function):
                                               o.temperature, o.softcap, o.scale, o.rows, grads.h, grads.w, grads.b)
             elif n:
                 # With the KL term the reference tile is projected again beside the policy's.
-                buf = h.new_empty(2 if ref else 1, min(o.rows, n), w.shape[0])
+                buf = tile_buffers(h, 2 if ref else 1, min(o.rows, n), w.shape[0])
                 g = grad_logp.contiguous()
                 gk = grad_kl.contiguous() if ref else None
                 if ref:
