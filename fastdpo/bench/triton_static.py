@@ -208,8 +208,8 @@ def _record(case: _Case) -> list:
             tk.tile_grad_(tile, y, 0, m, m, case.temperature, case.softcap or None)
         elif case.op == "segment_sum":
             values = torch.empty(case.rows, device="meta")
-            seq_index = torch.empty(case.rows, dtype=torch.int64, device="meta")
-            tk.segment_sum(values, seq_index, case.V)
+            offsets = torch.empty(case.V + 1, dtype=torch.int64, device="meta")  # case.V segments
+            tk.segment_sum(values, offsets)
         else:
             raise ValueError(case.op)
     finally:
