@@ -6,9 +6,9 @@
 
 Run it from the checkout root on a quiet machine (nothing else running). Steps, in order:
 
+- ``tests``: the test suite, ``python -m pytest -q`` (timed only; first, while the committed results, their
+  timings and the README still agree);
 - ``build-cpu``, ``build-cuda``: ``python -m fastdpo build cpu|cuda`` into an empty cache (first-use compile time);
-- ``tests``: the test suite, ``python -m pytest -q`` (timed only; first, while the committed results and the
-  README still agree);
 - ``bench-quick``: the quick pytest-benchmark set, ``python -m pytest bench/ --benchmark-only`` (timed only);
 - ``main``: the main job, ``python -m fastdpo.bench --out bench/results/main`` (logits-in, fused-linear fp32 and
   token-KL tables);
@@ -49,11 +49,12 @@ def steps(warmup: int | None = None, reps: int | None = None) -> dict[str, list[
         w, r = default_warmup if warmup is None else warmup, default_reps if reps is None else reps
         return ([] if w is None else ["--warmup", str(w)]) + ([] if r is None else ["--reps", str(r)])
 
-    # The tests run first: they check the README against the committed results, which the later steps replace.
+    # The tests run first: they check the README against the committed results and timings, which every
+    # later step replaces (the build steps' timings included).
     return {
+        "tests": ["python", "-m", "pytest", "-q"],
         "build-cpu": ["python", "-m", "fastdpo", "build", "cpu"],
         "build-cuda": ["python", "-m", "fastdpo", "build", "cuda"],
-        "tests": ["python", "-m", "pytest", "-q"],
         "bench-quick": ["python", "-m", "pytest", "bench/", "--benchmark-only", "-q"],
         "main": ["python", "-m", "fastdpo.bench", *counts(None, None), "--out", "bench/results/main"],
         "linear-bf16": ["python", "-m", "fastdpo.bench", "--shapes", "", "--kl-shapes", "", "--linear-shapes",

@@ -208,3 +208,12 @@ def test_quick_benchmark_set_by_default_full_set_behind_a_flag():
     assert set(quick) < set(full) and 4 * len(quick) < len(full)
     assert all("fwd+bwd-fp32" in t for t in quick)
     assert any("bf16" in t for t in full) and any("-bwd-" in t for t in full)
+
+
+def test_remeasure_runs_the_tests_before_any_step_that_changes_what_they_check():
+    # The tests compare the README with the committed results and timings; every other step rewrites some of
+    # them (the build steps their timings), so the tests must come first.
+    remeasure = runpy.run_path(str(ROOT / "bench" / "remeasure.py"))
+    order = list(remeasure["steps"]())
+    assert order[0] == "tests", order
+    assert set(remeasure["REPLACES"]) <= set(order)
