@@ -315,51 +315,52 @@ def block_packed_details() -> str:
     return "\n".join(out)
 
 
-def _diagnostics() -> tuple[dict, Path, dict, dict, dict]:
-    data, folder = _result(DIAGNOSTICS, "linear")
-    rows = _rows(data, "fp32")
-    plain, diag = rows.get("fastdpo-linear-cpu"), rows.get("fastdpo-linear-cpu-diag")
-    if plain is None or diag is None:
-        raise FiguresError(f"{folder.relative_to(ROOT)}/linear.json needs the fastdpo-linear-cpu and "
-                           "fastdpo-linear-cpu-diag fp32 rows")
-    return data, folder, plain["case"], plain, diag
+def _diagnostics() -> tuple[dict, Path]:
+    data, folder = _result(DIAGNOSTICS, "overhead")
+    if data.get("case", {}).get("dtype") != "fp32" or not data.get("ratios"):
+        raise FiguresError(f"{folder.relative_to(ROOT)}/overhead.json needs the fp32 step's paired times "
+                           "(python -m fastdpo.bench.overhead)")
+    return data, folder
 
 
-def _overhead(plain: dict, diag: dict) -> str:
-    return f"{100 * (diag['median_ms'] - plain['median_ms']) / plain['median_ms']:.1f}%"
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
 
 
 def block_diagnostics() -> str:
-    data, folder, case, plain, diag = _diagnostics()
+    data, folder = _diagnostics()
     main, _ = _result(MAIN, "linear")
     _one_machine(data["meta"], main["meta"])
-    return (f"turning them on costs {_overhead(plain, diag)} of the fused-linear fp32 DPO step (B = "
-            f"{case['N'] // (2 * case['T'])} pairs of T = {case['T']}, H = {case['H']}, V = {case['V']}: "
-            f"{_ms(plain)} → {_ms(diag)}, medians, on {data['meta']['machine']}; "
-            "[docs/diagnostics.md](docs/diagnostics.md#cost))")
+    c, m = data["case"], data["median_ms"]
+    return (f"turning them on costs {_pct(data['overhead'])} of the fused-linear fp32 DPO step (B = "
+            f"{c['N'] // (2 * c['T'])} pairs of T = {c['T']}, H = {c['H']}, V = {c['V']}: {m['plain']:.0f} ms → "
+            f"{m['diagnostics']:.0f} ms, medians of {len(data['ratios'])} interleaved pairs, on "
+            f"{data['meta']['machine']}; [docs/diagnostics.md](docs/diagnostics.md#cost))")
 
 
 def block_diagnostics_cost() -> str:
-    data, folder, case, plain, diag = _diagnostics()
-    meta = data["meta"]
-    N, H, V, T = case["N"], case["H"], case["V"], case["T"]
-    reps = len(plain["times_ms"])
+    data, folder = _diagnostics()
+    meta, c, t = data["meta"], data["case"], data["times_ms"]
+    N, H, V, T = c["N"], c["H"], c["V"], c["T"]
+    r = data["ratios"]
     return "\n".join([
         f"The fused-linear fp32 DPO step (policy forward + backward, reference forward), B = {N // (2 * T)} pairs "
         f"of T = {T} tokens, H = {H}, V = {V}, on {_machine(meta)}, by", "", "```bash", meta["command"], "```", "",
         f"({_provenance(meta)}; every measurement in {_link(folder, DIAGNOSTICS_DOC.parent)}):", "",
-        "| | median | min-max | peak extra memory |", "| --- | --- | --- | --- |",
-        *(f"| {label} | {_ms(r)} | {r['min_ms']:.0f}-{r['max_ms']:.0f} ms | {_mb(r)} |"
-          for label, r in (("`fastdpo-linear-cpu`", plain), ("`fastdpo-linear-cpu-diag` (`diagnostics=True`)", diag))),
+        "| | median | min-max |", "| --- | --- | --- |",
+        *(f"| {label} | {statistics.median(t[k]):.0f} ms | {min(t[k]):.0f}-{max(t[k]):.0f} ms |"
+          for label, k in (("`diagnostics=False`", "plain"), ("`diagnostics=True`", "diagnostics"))),
         "",
-        f"Diagnostics add {_overhead(plain, diag)} to the step (the difference of the medians of {reps} timed steps, "
-        "over the step without them)."])
+        f"Diagnostics add {_pct(data['overhead'])} to the step: the median over {len(r)} interleaved pairs of "
+        f"adjacent steps of the time with them over the time without (per pair from {_pct(min(r) - 1)} to "
+        f"{_pct(max(r) - 1)}: the machine's speed drifts between steps; the pairing keeps the drift out of the "
+        "median)."])
 
 
 def block_sets() -> str:
     rows = ["| folder | machine | command | date |", "| --- | --- | --- | --- |"]
     for set_name, suites in ((MAIN, ("logprobs", "linear", "kl")), (LINEAR_BF16, ("linear",)), (PACKED, ("packed",)),
-                             (DIAGNOSTICS, ("linear",))):
+                             (DIAGNOSTICS, ("overhead",))):
         data, folder = _result(set_name, suites[0])
         meta = data["meta"]
         rows.append(f"| `{folder.relative_to(RESULTS).as_posix()}/` ({', '.join(s + '.json' for s in suites)}) | "

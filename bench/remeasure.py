@@ -15,9 +15,9 @@ Run it from the checkout root on a quiet machine (nothing else running). Steps, 
 - ``linear-bf16``: the bf16 fused-linear step (one timed step each: the bf16 anchors take minutes per step on CPU);
 - ``packed``: packed vs padded batches, ``python -m fastdpo.bench.packed --reps 5 --out bench/results/packed``
   (loss level and a tiny Llama end to end);
-- ``diagnostics``: the fused-linear fp32 step with and without ``diagnostics=True`` (``--providers
-  fastdpo-linear-cpu,fastdpo-linear-cpu-diag --out bench/results/diagnostics-overhead``), the overhead
-  docs/diagnostics.md quotes;
+- ``diagnostics``: the fused-linear fp32 step with and without ``diagnostics=True`` in interleaved pairs
+  (``python -m fastdpo.bench.overhead --out bench/results/diagnostics-overhead``), the overhead the README and
+  docs/diagnostics.md quote;
 - ``render``: ``python bench/readme_figures.py`` fills the figures of README.md and docs/ in from the files above.
 
 Each measured step's command (quoted with ``shlex.join``, as it can be pasted back), wall time and exit
@@ -43,8 +43,8 @@ LINEAR_SHAPE = "2048x512x32000"
 
 
 def steps(warmup: int | None = None, reps: int | None = None) -> dict[str, list[str]]:
-    """Each step's command; ``warmup`` / ``reps`` (when given) replace the main, packed and diagnostics
-    steps' own (those two keep the counts their committed figures were measured with otherwise)."""
+    """Each step's command; ``warmup`` / ``reps`` (when given) replace the main and packed
+    steps' own."""
     def counts(default_warmup: int | None, default_reps: int | None) -> list[str]:
         w, r = default_warmup if warmup is None else warmup, default_reps if reps is None else reps
         return ([] if w is None else ["--warmup", str(w)]) + ([] if r is None else ["--reps", str(r)])
@@ -61,9 +61,7 @@ def steps(warmup: int | None = None, reps: int | None = None) -> dict[str, list[
                         LINEAR_SHAPE, "--linear-dtypes", "bf16", "--warmup", "0", "--reps", "1", "--out",
                         "bench/results/fused-linear-bf16"],
         "packed": ["python", "-m", "fastdpo.bench.packed", *counts(None, 5), "--out", "bench/results/packed"],
-        "diagnostics": ["python", "-m", "fastdpo.bench", "--shapes", "", "--kl-shapes", "", "--linear-shapes",
-                        LINEAR_SHAPE, "--linear-dtypes", "fp32", *counts(1, 5), "--providers",
-                        "fastdpo-linear-cpu,fastdpo-linear-cpu-diag", "--out", "bench/results/diagnostics-overhead"],
+        "diagnostics": ["python", "-m", "fastdpo.bench.overhead", "--out", "bench/results/diagnostics-overhead"],
     }
 
 
@@ -89,9 +87,9 @@ def _run(name: str, cmd: list[str], env: dict) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions of the main, packed and diagnostics "
-                    "steps (default: the main job's own, 5 for the other two)")
-    ap.add_argument("--warmup", type=int, default=None, help="warm-up runs of the main, packed and diagnostics steps "
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions of the main and packed "
+                    "steps (default: the main job's own, 5 for the packed one)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up runs of the main and packed steps "
                     "(default: their own)")
     ap.add_argument("--steps", default=None, help="comma-separated subset of: " + ", ".join([*steps(), "render"]))
     args = ap.parse_args(argv)

@@ -123,3 +123,24 @@ def fastdpo_triton_unavailable() -> bool:
     from fastdpo import _backends
 
     return _backends.unavailable_reason(_backends.Backend.TRITON, torch.device("cpu")) is not None
+
+
+def test_diagnostics_overhead_pairs_the_steps_and_records_the_command(tmp_path):
+    """python -m fastdpo.bench.overhead: interleaved pairs of the plain and the diagnostics step, the median of
+    their per-pair ratios as the overhead, written with the command that made it."""
+    args = ["--shape", "64x16x300", "--seq", "8", "--pairs", "3", "--warmup", "0", "--out", str(tmp_path / "o")]
+    p = subprocess.run([sys.executable, "-m", "fastdpo.bench.overhead", *args], capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    [path] = (tmp_path / "o").glob("*/overhead.json")
+    data = json.loads(path.read_text())
+    assert shlex.split(data["meta"]["command"]) == ["python", "-m", "fastdpo.bench.overhead", *args]
+    t = data["times_ms"]
+    assert len(t["plain"]) == len(t["diagnostics"]) == len(data["ratios"]) == 3
+    assert data["ratios"] == pytest.approx([d / q for q, d in zip(t["plain"], t["diagnostics"])])
+    assert data["overhead"] == pytest.approx(sorted(data["ratios"])[1] - 1)
+    assert data["case"] == {"N": 64, "H": 16, "V": 300, "T": 8, "dtype": "fp32", "backend": "cpu"}
+    assert (path.parent / "output.txt").read_text().count("overhead") >= 1
+    bad = subprocess.run([sys.executable, "-m", "fastdpo.bench.overhead", "--shape", "64x16"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "--shape must be NxHxV" in bad.stderr
