@@ -398,6 +398,18 @@ def _block_range(phase, V, b0, b1, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _load_tiles(base, a, offs, oka, okb, TILE: tl.constexpr, MASKED: tl.constexpr):
+    """The two [lanes, VEC] tiles of a row block, as float32 (masked where the block overhangs the row)."""
+    if MASKED:
+        xa = tl.load(base + a + offs, mask=oka, other=0.0).to(tl.float32)
+        xb = tl.load(base + a + TILE + offs, mask=okb, other=0.0).to(tl.float32)
+    else:
+        xa = tl.load(base + a + offs).to(tl.float32)
+        xb = tl.load(base + a + TILE + offs).to(tl.float32)
+    return xa, xb
+
+
+@triton.jit
 def _row_block(base, phase, V, a, sta, stb, c, inv_cap, LANES: tl.constexpr, VEC: tl.constexpr,
                CAP: tl.constexpr, STATS: tl.constexpr, MASKED: tl.constexpr, POLY: tl.constexpr,
                FAST: tl.constexpr, APPROX: tl.constexpr):
@@ -409,13 +421,10 @@ def _row_block(base, phase, V, a, sta, stb, c, inv_cap, LANES: tl.constexpr, VEC
         ca = a - phase + offs
         oka = (ca >= 0) & (ca < V)
         okb = (ca + TILE >= 0) & (ca + TILE < V)
-        xa = tl.load(base + a + offs, mask=oka, other=0.0).to(tl.float32)
-        xb = tl.load(base + a + TILE + offs, mask=okb, other=0.0).to(tl.float32)
     else:
         oka = True
         okb = True
-        xa = tl.load(base + a + offs).to(tl.float32)
-        xb = tl.load(base + a + TILE + offs).to(tl.float32)
+    xa, xb = _load_tiles(base, a, offs, oka, okb, TILE, MASKED)
     sta = _policy_tile(xa, oka, cola, sta, c, inv_cap, CAP, STATS, MASKED, False, FAST, APPROX)
     if CAP == 1:
         sta = _policy_tile(xb, okb, cola + TILE, sta, c, inv_cap, CAP, STATS, MASKED, POLY, FAST, APPROX)
@@ -458,17 +467,11 @@ def _pair_block(xbase, rbase, phase, V, a, pa, pb, ra, rb, c, inv_cap, LANES: tl
         ca = a - phase + offs
         oka = (ca >= 0) & (ca < V)
         okb = (ca + TILE >= 0) & (ca + TILE < V)
-        xa = tl.load(xbase + a + offs, mask=oka, other=0.0).to(tl.float32)
-        xb = tl.load(xbase + a + TILE + offs, mask=okb, other=0.0).to(tl.float32)
-        qa = tl.load(rbase + a + offs, mask=oka, other=0.0).to(tl.float32)
-        qb = tl.load(rbase + a + TILE + offs, mask=okb, other=0.0).to(tl.float32)
     else:
         oka = True
         okb = True
-        xa = tl.load(xbase + a + offs).to(tl.float32)
-        xb = tl.load(xbase + a + TILE + offs).to(tl.float32)
-        qa = tl.load(rbase + a + offs).to(tl.float32)
-        qb = tl.load(rbase + a + TILE + offs).to(tl.float32)
+    xa, xb = _load_tiles(xbase, a, offs, oka, okb, TILE, MASKED)
+    qa, qb = _load_tiles(rbase, a, offs, oka, okb, TILE, MASKED)
     pa, ra = _kl_tile(xa, qa, oka, cola, pa, ra, c, inv_cap, CAP, STATS, MASKED, False, FAST, APPROX)
     if CAP == 1:
         pa, ra = _kl_tile(xb, qb, okb, cola + TILE, pa, ra, c, inv_cap, CAP, STATS, MASKED, POLY, FAST, APPROX)
