@@ -213,6 +213,8 @@ def test_quick_benchmark_set_by_default_full_set_behind_a_flag():
     assert set(quick) < set(full) and 4 * len(quick) < len(full)
     assert all("fwd+bwd-fp32" in t for t in quick)
     assert any("bf16" in t for t in full) and any("-bwd-" in t for t in full)
+    # the README's counts of both sets
+    assert f"({len(full)} cases against the quick set's {len(quick)}," in (ROOT / "README.md").read_text()
 
 
 def test_remeasure_runs_the_tests_before_any_step_that_changes_what_they_check():
