@@ -398,6 +398,24 @@ def _block_range(phase, V, b0, b1, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _block_geometry(phase, V, a, LANES: tl.constexpr, VEC: tl.constexpr, MASKED: tl.constexpr):
+    """A row block's [lanes, VEC] offsets, each lane's first column, and its two tiles' in-row masks
+    (all true for a block inside the row)."""
+    TILE: tl.constexpr = LANES * VEC
+    lane = tl.arange(0, LANES)
+    offs = lane[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    cola = a - phase + lane * VEC
+    if MASKED:
+        ca = a - phase + offs
+        oka = (ca >= 0) & (ca < V)
+        okb = (ca + TILE >= 0) & (ca + TILE < V)
+    else:
+        oka = True
+        okb = True
+    return offs, cola, oka, okb
+
+
+@triton.jit
 def _load_tiles(base, a, offs, oka, okb, TILE: tl.constexpr, MASKED: tl.constexpr):
     """The two [lanes, VEC] tiles of a row block, as float32 (masked where the block overhangs the row)."""
     if MASKED:
@@ -414,16 +432,7 @@ def _row_block(base, phase, V, a, sta, stb, c, inv_cap, LANES: tl.constexpr, VEC
                CAP: tl.constexpr, STATS: tl.constexpr, MASKED: tl.constexpr, POLY: tl.constexpr,
                FAST: tl.constexpr, APPROX: tl.constexpr):
     TILE: tl.constexpr = LANES * VEC
-    lane = tl.arange(0, LANES)
-    offs = lane[:, None] * VEC + tl.arange(0, VEC)[None, :]
-    cola = a - phase + lane * VEC
-    if MASKED:
-        ca = a - phase + offs
-        oka = (ca >= 0) & (ca < V)
-        okb = (ca + TILE >= 0) & (ca + TILE < V)
-    else:
-        oka = True
-        okb = True
+    offs, cola, oka, okb = _block_geometry(phase, V, a, LANES, VEC, MASKED)
     xa, xb = _load_tiles(base, a, offs, oka, okb, TILE, MASKED)
     sta = _policy_tile(xa, oka, cola, sta, c, inv_cap, CAP, STATS, MASKED, False, FAST, APPROX)
     if CAP == 1:
@@ -460,16 +469,7 @@ def _pair_block(xbase, rbase, phase, V, a, pa, pb, ra, rb, c, inv_cap, LANES: tl
                 CAP: tl.constexpr, STATS: tl.constexpr, MASKED: tl.constexpr, POLY: tl.constexpr,
                 FAST: tl.constexpr, APPROX: tl.constexpr):
     TILE: tl.constexpr = LANES * VEC
-    lane = tl.arange(0, LANES)
-    offs = lane[:, None] * VEC + tl.arange(0, VEC)[None, :]
-    cola = a - phase + lane * VEC
-    if MASKED:
-        ca = a - phase + offs
-        oka = (ca >= 0) & (ca < V)
-        okb = (ca + TILE >= 0) & (ca + TILE < V)
-    else:
-        oka = True
-        okb = True
+    offs, cola, oka, okb = _block_geometry(phase, V, a, LANES, VEC, MASKED)
     xa, xb = _load_tiles(xbase, a, offs, oka, okb, TILE, MASKED)
     qa, qb = _load_tiles(rbase, a, offs, oka, okb, TILE, MASKED)
     pa, ra = _kl_tile(xa, qa, oka, cola, pa, ra, c, inv_cap, CAP, STATS, MASKED, False, FAST, APPROX)
