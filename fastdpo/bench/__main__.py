@@ -12,6 +12,7 @@ measurement and the command, ``.png`` plots, ``output.txt``) go to a fresh folde
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -103,9 +104,9 @@ def _source_revision() -> str | None:
         return None
 
 
-def command_line(argv: list[str]) -> str:
+def command_line(argv: list[str], module: str = "fastdpo.bench") -> str:
     """The command that reproduces this run, quoted so that it can be pasted into a shell."""
-    return shlex.join(["python", "-m", "fastdpo.bench", *argv])
+    return shlex.join(["python", "-m", module, *argv])
 
 
 def _run_one(provider: str, case: Case, warmup: int, reps: int) -> dict:
@@ -225,6 +226,28 @@ def _run_suite(name, what, family, cases, args, dev_name, out: Path, meta: dict)
     return not any("error" in r for r in results)
 
 
+def run_meta(module: str, argv: list[str], device: str, machine_device: str | None = None) -> dict:
+    """What a benchmark run records about itself: device folder name, machine, versions, revision and the
+    command that reproduces it (``python -m <module> <argv>``, shell-quoted); ``machine_device`` names the
+    device the machine description is for (default: ``device``)."""
+    return {"device": device_name(device), "machine": machine_description(machine_device or device),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "fastdpo": __version__, "revision": _source_revision(),
+            "command": command_line(argv, module)}
+
+
+@contextlib.contextmanager
+def teed_output(out: Path):
+    """stdout also written to ``out/output.txt`` while the block runs."""
+    stdout, tee = sys.stdout, _Tee(sys.stdout, out / "output.txt")
+    sys.stdout = tee
+    try:
+        yield
+    finally:
+        sys.stdout = stdout
+        tee.close()
+
+
 class _Tee:
     """stdout, also recorded in ``output.txt`` (without the carriage-return progress line of a terminal)."""
 
@@ -308,22 +331,15 @@ def main(argv: list[str] | None = None) -> int:
 
     dev_name = device_name(args.device)
     out = _output_folder(args.out, dev_name)
-    stdout, tee = sys.stdout, _Tee(sys.stdout, out / "output.txt")
-    sys.stdout = tee
-    try:
+    with teed_output(out):
         ok = _sweep(args, argv, gpu, dev_name, out, cases, lcases, kcases)
-    finally:
-        sys.stdout = stdout
-        tee.close()
     print(f"\nall results in {out}/")
     return 0 if ok else 1
 
 
 def _sweep(args, argv, gpu, dev_name, out, cases, lcases, kcases) -> bool:
     argv = list(sys.argv[1:] if argv is None else argv)
-    meta = {"device": dev_name, "machine": machine_description(args.device), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "fastdpo": __version__, "revision": _source_revision(), "command": command_line(argv)}
+    meta = run_meta("fastdpo.bench", argv, args.device)
     print(f"fastdpo.bench on {dev_name}: {meta['machine']} (torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads)")
     print(f"command: {meta['command']}")

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -77,24 +75,17 @@ def main(argv=None) -> int:
         print("skip: --device cuda needs a CUDA GPU (none visible)")
         return 0
 
-    from fastdpo._version import __version__
-    from fastdpo.bench.__main__ import _output_folder, _source_revision, _Tee, device_name, machine_description
+    from fastdpo.bench.__main__ import _output_folder, run_meta, teed_output
     from fastdpo.bench.providers import Case
 
     backend = args.backend or args.device
     case = Case(N=N, V=V, dtype=args.dtype, mode="fwd+bwd", device=args.device, H=H, T=args.seq)
-    dev = device_name(args.device)
-    out = _output_folder(args.out, dev)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    meta = {"device": dev, "machine": machine_description(args.device), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version(), "fastdpo": __version__,
-            "revision": _source_revision(), "command": shlex.join(["python", "-m", "fastdpo.bench.overhead", *argv])}
-    stdout, tee = sys.stdout, _Tee(sys.stdout, out / "output.txt")
-    sys.stdout = tee
-    try:
-        print(f"fastdpo.bench.overhead on {dev}: {meta['machine']} (torch {meta['torch']}, {meta['threads']} threads)"
-              f"\ncommand: {meta['command']}\n{case.label()}, {args.pairs} interleaved pairs after {args.warmup} "
-              "warm-up step(s) of each")
+    meta = run_meta("fastdpo.bench.overhead", list(sys.argv[1:] if argv is None else argv), args.device)
+    out = _output_folder(args.out, meta["device"])
+    with teed_output(out):
+        print(f"fastdpo.bench.overhead on {meta['device']}: {meta['machine']} (torch {meta['torch']}, "
+              f"{meta['threads']} threads)\ncommand: {meta['command']}\n{case.label()}, {args.pairs} interleaved "
+              f"pairs after {args.warmup} warm-up step(s) of each")
         res = measure(case, backend, args.pairs, args.warmup)
         m = res["median_ms"]
         print(f"plain {m['plain']:.1f} ms, diagnostics=True {m['diagnostics']:.1f} ms (medians); overhead "
@@ -104,9 +95,6 @@ def main(argv=None) -> int:
         case_d = {"N": N, "H": H, "V": V, "T": args.seq, "dtype": args.dtype, "backend": backend}
         (out / "overhead.json").write_text(json.dumps({"meta": meta, "case": case_d, **res}, indent=1))
         print(f"results: {out / 'overhead.json'}")
-    finally:
-        sys.stdout = stdout
-        tee.close()
     return 0
 
 

@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
-import shlex
 import statistics
 import subprocess
 import sys
@@ -294,27 +292,17 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(res))
         return 0
 
-    from fastdpo._version import __version__
-    from fastdpo.bench.__main__ import _output_folder, _source_revision, _Tee, device_name, machine_description
+    from fastdpo.bench.__main__ import _output_folder, run_meta, teed_output
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    dev = device_name("cpu")
-    out = _output_folder(args.out, dev)
     # The loss level runs on the CPU; the end-to-end trainer uses a GPU when there is one, so name it too.
-    meta = {"device": dev, "machine": machine_description("cuda" if torch.cuda.is_available() else "cpu"),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "fastdpo": __version__, "revision": _source_revision(),
-            "command": shlex.join(["python", "-m", "fastdpo.bench.packed", *argv])}
-    stdout, tee = sys.stdout, _Tee(sys.stdout, out / "output.txt")
-    sys.stdout = tee
-    try:
+    meta = run_meta("fastdpo.bench.packed", argv, "cpu", "cuda" if torch.cuda.is_available() else "cpu")
+    out = _output_folder(args.out, meta["device"])
+    with teed_output(out):
         rows = _measure(args, meta)
         meta = {**meta, "lengths": draw_lengths(args.pairs, args.seed), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
         (out / "packed.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
         print(f"results: {out / 'packed.json'}")
-    finally:
-        sys.stdout = stdout
-        tee.close()
     return 0 if not any("error" in r for r in rows) else 1
 
 
